@@ -1,0 +1,699 @@
+//! The TOML configuration file, parsed into a validated, typed [`Config`].
+//!
+//! Every error names the file and, where it can, the line. Relative paths are
+//! resolved against the config file's directory. Certificates are loaded here,
+//! so a config that loads is a config that can run.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::allowlist::Allowlist;
+use crate::routing::NodeId;
+use crate::tls::{self, TlsFiles};
+
+/// Default listen port, as CockroachDB's.
+pub const DEFAULT_PORT: u16 = 26257;
+/// Default config path of `run`, `check` and `nodes`.
+pub const DEFAULT_PATH: &str = "/etc/sqlgate/sqlgate.toml";
+
+/// A config that failed to load: the file, the line when known, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.path.display(), line, self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstream: UpstreamConfig,
+    pub routing: RoutingConfig,
+    pub nodes: Vec<NodeConfig>,
+    pub health: HealthConfig,
+    pub limits: Limits,
+    pub metrics: Option<MetricsConfig>,
+    pub log: LogConfig,
+}
+
+/// Where a listener accepts clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix { path: PathBuf, mode: u32 },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "{addr}"),
+            Endpoint::Unix { path, .. } => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub endpoint: Endpoint,
+    pub allow: Allowlist,
+}
+
+/// How strictly the node's certificate is checked. There is no unverified mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Chain to `ca_file` and the node's `host` in the certificate.
+    VerifyFull,
+    /// Chain to `ca_file` only.
+    VerifyCa,
+}
+
+/// How the TLS session to a node is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Negotiation {
+    /// SSLRequest, then TLS after the server's `S`.
+    Postgres,
+    /// TLS from the first byte with ALPN `postgresql` (PostgreSQL 17+).
+    Direct,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub sslmode: SslMode,
+    pub negotiation: Negotiation,
+    pub connect_timeout: Duration,
+    /// Appended to each session's `options` startup parameter.
+    pub options: Option<String>,
+    /// Built once from the PEM files; shared by every session and probe.
+    pub tls: Arc<rustls::ClientConfig>,
+    pub ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RoutingConfig {
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Name verified against the certificate; dialed unless `addr` is set.
+    pub host: String,
+    pub port: u16,
+    pub region: String,
+    pub addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+    pub http_port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub startup_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, loading its certificates.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file and line of the first problem.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path` (used for relative paths and
+    /// error messages).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file and line of the first problem.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let err = |span: Option<Range<usize>>, message: String| ConfigError {
+            path: path.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_owned()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let listeners = validate_listeners(raw.listen, base).map_err(|(s, m)| err(s, m))?;
+
+        let up = raw.upstream;
+        let resolve = |p: &Spanned<PathBuf>| base.join(p.get_ref());
+        let ca_file = resolve(&up.ca_file);
+        let client = match (&up.client_cert_file, &up.client_key_file) {
+            (Some(cert), Some(key)) => Some((resolve(cert), resolve(key))),
+            (None, None) => None,
+            (Some(s), None) | (None, Some(s)) => {
+                return Err(err(
+                    Some(s.span()),
+                    "client_cert_file and client_key_file go together".into(),
+                ));
+            }
+        };
+        let files = TlsFiles {
+            ca_file: ca_file.clone(),
+            client_cert: client,
+        };
+        let sslmode = up.sslmode.unwrap_or(SslMode::VerifyFull);
+        let negotiation = up.negotiation.unwrap_or(Negotiation::Postgres);
+        let tls = tls::client_config(&files, sslmode, negotiation).map_err(|e| {
+            let span = match &e {
+                tls::TlsConfigError::Client { .. } => up
+                    .client_cert_file
+                    .as_ref()
+                    .map(|s| s.span())
+                    .or(Some(up.ca_file.span())),
+                _ => Some(up.ca_file.span()),
+            };
+            err(span, e.to_string())
+        })?;
+        let connect_timeout = up.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
+        if connect_timeout.is_zero() {
+            return Err(err(
+                None,
+                "upstream.connect_timeout must be above zero".into(),
+            ));
+        }
+        let upstream = UpstreamConfig {
+            sslmode,
+            negotiation,
+            connect_timeout,
+            options: up.options.filter(|o| !o.trim().is_empty()),
+            tls,
+            ca_file,
+        };
+
+        let mut nodes: Vec<NodeConfig> = Vec::new();
+        if raw.nodes.is_empty() {
+            return Err(err(
+                None,
+                "no [[nodes]]: name at least one cluster node".into(),
+            ));
+        }
+        for spanned in raw.nodes {
+            let span = spanned.span();
+            let n = spanned.into_inner();
+            if n.host.trim().is_empty() {
+                return Err(err(Some(span), "node host is empty".into()));
+            }
+            if n.region.trim().is_empty() {
+                return Err(err(Some(span), "node region is empty".into()));
+            }
+            if rustls_pki_types::ServerName::try_from(n.host.as_str()).is_err() {
+                return Err(err(
+                    Some(span),
+                    format!(
+                        "node host {:?} is not a valid DNS name or IP address",
+                        n.host
+                    ),
+                ));
+            }
+            let port = n.port.unwrap_or(DEFAULT_PORT);
+            let id = NodeId::new(&n.host, port);
+            if nodes.iter().any(|o| o.id == id) {
+                return Err(err(Some(span), format!("duplicate node {id}")));
+            }
+            nodes.push(NodeConfig {
+                id,
+                host: n.host,
+                port,
+                region: n.region,
+                addr: n.addr,
+            });
+        }
+
+        let routing = RoutingConfig {
+            region: raw.routing.region.filter(|r| !r.trim().is_empty()),
+        };
+        if let Some(region) = &routing.region
+            && !nodes.iter().any(|n| &n.region == region)
+        {
+            tracing::debug!(%region, "routing.region has no nodes");
+        }
+
+        let h = raw.health;
+        let health = HealthConfig {
+            interval: h.interval.map_or(Duration::from_secs(2), |d| d.0),
+            timeout: h.timeout.map_or(Duration::from_secs(1), |d| d.0),
+            unhealthy_after: h.unhealthy_after.unwrap_or(2).max(1),
+            healthy_after: h.healthy_after.unwrap_or(1).max(1),
+            http_port: h.http_port,
+        };
+        if health.interval.is_zero() || health.timeout.is_zero() {
+            return Err(err(
+                None,
+                "health.interval and health.timeout must be above zero".into(),
+            ));
+        }
+
+        let l = raw.limits;
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(10_000),
+            startup_timeout: l.startup_timeout.map_or(Duration::from_secs(10), |d| d.0),
+            shutdown_grace: l.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+        };
+        if limits.max_connections == 0 {
+            return Err(err(
+                None,
+                "limits.max_connections must be at least 1".into(),
+            ));
+        }
+        if limits.startup_timeout.is_zero() {
+            return Err(err(
+                None,
+                "limits.startup_timeout must be above zero".into(),
+            ));
+        }
+
+        let metrics = raw.metrics.map(|m| MetricsConfig {
+            addr: m
+                .addr
+                .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 9612))),
+        });
+        let log = LogConfig {
+            format: raw.log.format.unwrap_or_default(),
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(err(
+                None,
+                format!("log.level {:?} is not a valid filter", log.level),
+            ));
+        }
+
+        Ok(Config {
+            path: path.to_owned(),
+            listeners,
+            upstream,
+            routing,
+            nodes,
+            health,
+            limits,
+            metrics,
+            log,
+        })
+    }
+
+    /// The resolved plan, as `sqlgate check` prints it.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "config: {} (ok)", self.path.display());
+        for l in &self.listeners {
+            let allow = match l.endpoint {
+                Endpoint::Tcp(_) => l
+                    .allow
+                    .nets()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Endpoint::Unix { mode, .. } => format!("file mode {mode:04o}"),
+            };
+            let _ = writeln!(out, "listen: {} (allow: {allow})", l.endpoint);
+        }
+        let u = &self.upstream;
+        let _ = writeln!(
+            out,
+            "upstream: ca_file={} sslmode={:?} negotiation={:?} connect_timeout={}{}",
+            u.ca_file.display(),
+            u.sslmode,
+            u.negotiation,
+            humantime::format_duration(u.connect_timeout),
+            if u.options.is_some() {
+                " options=(set)"
+            } else {
+                ""
+            },
+        );
+        let _ = writeln!(
+            out,
+            "routing: region={}",
+            self.routing.region.as_deref().unwrap_or("(nearest by RTT)")
+        );
+        for n in &self.nodes {
+            let via = n.addr.map(|a| format!(" via {a}")).unwrap_or_default();
+            let _ = writeln!(out, "node: {} region={}{via}", n.id, n.region);
+        }
+        out
+    }
+
+    /// Things that load but that a user should know about.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in &self.listeners {
+            if let Endpoint::Tcp(addr) = l.endpoint
+                && !addr.ip().is_loopback()
+                && l.allow.admits_everyone()
+            {
+                out.push(format!(
+                    "listener {addr} is not on loopback and its allowlist admits every address"
+                ));
+            }
+        }
+        if let Some(region) = &self.routing.region
+            && !self.nodes.iter().any(|n| &n.region == region)
+        {
+            out.push(format!("routing.region {region:?} has no nodes"));
+        }
+        out
+    }
+}
+
+fn validate_listeners(
+    raw: Vec<Spanned<RawListen>>,
+    base: &Path,
+) -> Result<Vec<ListenerConfig>, (Option<Range<usize>>, String)> {
+    if raw.is_empty() {
+        return Ok([
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]
+        .into_iter()
+        .map(|ip| ListenerConfig {
+            endpoint: Endpoint::Tcp(SocketAddr::new(ip, DEFAULT_PORT)),
+            allow: Allowlist::loopback(),
+        })
+        .collect());
+    }
+    let mut out: Vec<ListenerConfig> = Vec::new();
+    for spanned in raw {
+        let span = spanned.span();
+        let l = spanned.into_inner();
+        let endpoint = match (l.addr, l.path) {
+            (Some(addr), None) => {
+                if l.mode.is_some() {
+                    return Err((
+                        Some(span),
+                        "mode applies to unix socket listeners only".into(),
+                    ));
+                }
+                Endpoint::Tcp(addr)
+            }
+            (None, Some(path)) => {
+                let mode = match l.mode.as_deref().map(|m| u32::from_str_radix(m, 8)) {
+                    None => 0o666,
+                    Some(Ok(mode)) if mode <= 0o777 => mode,
+                    Some(_) => {
+                        return Err((
+                            Some(span),
+                            "mode must be an octal string such as \"0660\"".into(),
+                        ));
+                    }
+                };
+                Endpoint::Unix {
+                    path: base.join(path),
+                    mode,
+                }
+            }
+            _ => {
+                return Err((
+                    Some(span),
+                    "a listener needs exactly one of addr or path".into(),
+                ));
+            }
+        };
+        if out
+            .iter()
+            .any(|o| o.endpoint == endpoint && !is_port_zero(&endpoint))
+        {
+            return Err((Some(span), format!("duplicate listener {endpoint}")));
+        }
+        let allow = match l.allow {
+            Some(nets) => Allowlist::new(nets),
+            None => Allowlist::loopback(),
+        };
+        out.push(ListenerConfig { endpoint, allow });
+    }
+    Ok(out)
+}
+
+fn is_port_zero(endpoint: &Endpoint) -> bool {
+    matches!(endpoint, Endpoint::Tcp(a) if a.port() == 0)
+}
+
+/// 1-based line number of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(at)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// A humantime duration string such as `"5s"` or `"1m 30s"`.
+#[derive(Debug, Clone, Copy)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: Vec<Spanned<RawListen>>,
+    upstream: RawUpstream,
+    #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
+    nodes: Vec<Spanned<RawNode>>,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    limits: RawLimits,
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    addr: Option<SocketAddr>,
+    path: Option<PathBuf>,
+    mode: Option<String>,
+    allow: Option<Vec<IpNet>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    ca_file: Spanned<PathBuf>,
+    client_cert_file: Option<Spanned<PathBuf>>,
+    client_key_file: Option<Spanned<PathBuf>>,
+    sslmode: Option<SslMode>,
+    negotiation: Option<Negotiation>,
+    connect_timeout: Option<HumanDuration>,
+    options: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    region: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    host: String,
+    port: Option<u16>,
+    region: String,
+    addr: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<HumanDuration>,
+    timeout: Option<HumanDuration>,
+    unhealthy_after: Option<u32>,
+    healthy_after: Option<u32>,
+    http_port: Option<u16>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    startup_timeout: Option<HumanDuration>,
+    shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    addr: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory with a real CA certificate, and a config path inside it.
+    fn fixture() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).expect("ca");
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).expect("write ca");
+        std::fs::write(dir.path().join("empty.crt"), "").expect("write empty");
+        let path = dir.path().join("sqlgate.toml");
+        (dir, path)
+    }
+
+    const BASE: &str = r#"
+[upstream]
+ca_file = "ca.crt"
+
+[[nodes]]
+host = "localhost"
+port = 5432
+region = "local"
+"#;
+
+    #[test]
+    fn loads_a_minimal_config_with_defaults() {
+        let (_dir, path) = fixture();
+        let cfg = Config::parse(BASE, &path).expect("valid");
+        assert_eq!(cfg.listeners.len(), 2, "127.0.0.1 and [::1] by default");
+        assert_eq!(cfg.upstream.sslmode, SslMode::VerifyFull);
+        assert_eq!(cfg.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.limits.startup_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.nodes[0].id.as_str(), "localhost:5432");
+        assert!(
+            cfg.listeners[0]
+                .allow
+                .permits("127.0.0.1".parse().expect("ip"))
+        );
+        assert!(
+            !cfg.listeners[0]
+                .allow
+                .permits("10.0.0.1".parse().expect("ip"))
+        );
+    }
+
+    #[test]
+    fn reports_errors_with_file_and_line() {
+        let (_dir, path) = fixture();
+        let cases: Vec<(String, usize, &str)> = vec![
+            (
+                format!("{BASE}\n[limits]\nbogus = 1\n"),
+                11,
+                "unknown field",
+            ),
+            (
+                format!("[[listen]]\naddr = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/33\"]\n{BASE}"),
+                3,
+                "",
+            ),
+            (BASE.replace("ca.crt", "missing.crt"), 3, "missing.crt"),
+            (BASE.replace("ca.crt", "empty.crt"), 3, "no certificates"),
+            (BASE.replace("region = \"local\"\n", ""), 5, "region"),
+            (
+                format!(
+                    "[[listen]]\naddr = \"127.0.0.1:1\"\n[[listen]]\naddr = \"127.0.0.1:1\"\n{BASE}"
+                ),
+                3,
+                "duplicate listener",
+            ),
+            (
+                format!("{BASE}\n[limits]\nstartup_timeout = \"soon\"\n"),
+                11,
+                "invalid duration",
+            ),
+            (
+                format!("{BASE}\n[[nodes]]\nhost = \"localhost\"\nport = 5432\nregion = \"b\"\n"),
+                10,
+                "duplicate node",
+            ),
+        ];
+        assert!(!cases.is_empty());
+        for (text, line, needle) in cases {
+            let e = Config::parse(&text, &path).expect_err(&text);
+            let shown = e.to_string();
+            assert!(shown.starts_with(&path.display().to_string()), "{shown}");
+            if line > 0 {
+                assert_eq!(e.line, Some(line), "{shown}\n---\n{text}");
+            }
+            assert!(shown.contains(needle), "{shown} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn normalises_listeners_and_warns_about_open_allowlists() {
+        let (_dir, path) = fixture();
+        let text = format!("[[listen]]\naddr = \"0.0.0.0:26257\"\nallow = [\"0.0.0.0/0\"]\n{BASE}");
+        let cfg = Config::parse(&text, &path).expect("valid");
+        assert_eq!(cfg.warnings().len(), 1, "{:?}", cfg.warnings());
+    }
+}

@@ -1,0 +1,54 @@
+//! sqlgate: a local daemon that gives every application on a host a safe, fast
+//! path to a remote PostgreSQL-wire cluster (CockroachDB first).
+//!
+//! # Session flow
+//!
+//! ```text
+//! client ─TCP/unix─▶ listener ─▶ allowlist ─▶ startup (SSLRequest→'N', GSSENC→'N',
+//!    CancelRequest→cancel, StartupMessage) ─▶ routing: nearest healthy node
+//!    ─▶ upstream: TCP + SSLRequest→'S' (or direct TLS + ALPN) + rustls verify-full
+//!    ─▶ forward StartupMessage (+ options) ─▶ startup relay until ReadyForQuery,
+//!       rewriting AuthenticationSASL (no -PLUS) and BackendKeyData (proxy key)
+//!    ─▶ byte relay both ways ─▶ one log line + metrics
+//! ```
+//!
+//! # Modules
+//!
+//! - [`config`]: TOML → validated [`Config`]; errors name file and line.
+//! - [`allowlist`]: pure CIDR decision on the client address.
+//! - [`listener`]: accept loops, connection limit; spawns sessions.
+//! - [`session`]: one client session, start to finish, in the order above.
+//! - [`pgwire`]: startup-phase codec (client packets, server messages, errors).
+//! - [`upstream`]: dialing a node: TCP, TLS negotiation, verified handshake.
+//! - [`tls`]: the rustls client configuration, built once.
+//! - [`routing`]: node table snapshots and selection.
+//! - [`cancel`]: cancel key table and forwarding.
+//! - [`relay`]: the bidirectional byte copy.
+//! - [`metrics`]: metric names and label values.
+//! - [`daemon`]: binds listeners, owns shared state, drains on shutdown.
+//! - [`shutdown`]: signals → cancellation.
+
+#![forbid(unsafe_code)]
+
+pub mod allowlist;
+pub mod cancel;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod listener;
+pub mod metrics;
+pub mod pgwire;
+pub mod relay;
+pub mod routing;
+pub mod session;
+pub mod shutdown;
+pub mod tls;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use daemon::{Daemon, DaemonError};
+
+/// Exit code for bad usage or a bad config (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code for a failure at run time.
+pub const EXIT_FAILURE: i32 = 1;

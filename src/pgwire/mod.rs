@@ -1,0 +1,36 @@
+//! The startup-phase PostgreSQL wire codec: what sqlgate must understand of the
+//! protocol before the session becomes a plain byte relay.
+//!
+//! - [`frontend`]: the client's first packets (SSLRequest, GSSENCRequest,
+//!   CancelRequest, StartupMessage), bounded and checked.
+//! - [`backend`]: the server's messages up to ReadyForQuery, with the two rewrites
+//!   sqlgate makes (AuthenticationSASL without `-PLUS`, BackendKeyData with a proxy
+//!   key).
+//! - [`error`]: the ErrorResponse sqlgate sends to clients itself.
+//!
+//! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
+
+pub mod backend;
+pub mod error;
+pub mod frontend;
+
+/// Errors in bytes a peer sent during the startup phase.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("packet length {0} is outside {min}..={max}", min = frontend::MIN_STARTUP_LEN, max = frontend::MAX_STARTUP_LEN)]
+    BadLength(u32),
+    #[error("unsupported protocol version {major}.{minor}")]
+    UnsupportedVersion { major: u16, minor: u16 },
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    #[error("{0} sent more than once")]
+    Repeated(&'static str),
+    #[error("server message of {0} bytes is too large for the startup phase")]
+    MessageTooLarge(u32),
+    #[error(
+        "client opened with a TLS handshake; connect with sslmode=disable (sqlgate adds TLS upstream)"
+    )]
+    DirectTls,
+    #[error("connection closed during the startup phase")]
+    Closed,
+}

@@ -1,0 +1,256 @@
+//! Opening a verified TLS session to a cluster node: TCP connect, then either
+//! SSLRequest and the server's one-byte answer, or direct TLS with ALPN
+//! `postgresql`; then the rustls handshake, all under `connect_timeout`.
+//!
+//! The rule that keeps this safe: no byte from the server is accepted before
+//! the TLS handshake. The answer to SSLRequest is read one byte exactly; any
+//! byte already waiting behind an `S` is a man-in-the-middle injection
+//! (CVE-2021-23222) and aborts the dial. `N` or `E` fail closed: sqlgate never
+//! falls back to plaintext and never relays the server's pre-TLS text.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::{Negotiation, NodeConfig, UpstreamConfig};
+use crate::pgwire::frontend::SSL_REQUEST_CODE;
+use crate::tls::{self, ALPN_POSTGRESQL};
+
+/// A verified TLS session to one node, ready for the StartupMessage.
+pub type UpstreamStream = TlsStream<TcpStream>;
+
+/// What a successful dial produced.
+pub struct Connection {
+    pub stream: UpstreamStream,
+    /// The address actually dialed (cancel requests go to the same one).
+    pub addr: SocketAddr,
+    /// TCP connect plus TLS handshake.
+    pub elapsed: Duration,
+}
+
+/// Why a dial failed. Every variant happens before the StartupMessage is sent,
+/// so every one is retryable on the next candidate node.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("connection to {addr} refused or failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error(
+        "timed out after {0:?} (a network allowlist on the cluster side may be blocking this host)"
+    )]
+    Timeout(Duration),
+    #[error("server refused TLS (answered {0:?} to SSLRequest)")]
+    TlsRefused(char),
+    #[error(
+        "server sent bytes after agreeing to TLS and before the handshake (possible man-in-the-middle injection)"
+    )]
+    EarlyData,
+    #[error("server did not agree on ALPN \"postgresql\" for direct TLS")]
+    NoAlpn,
+    #[error("certificate verification failed: {0}")]
+    TlsVerify(rustls::Error),
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(rustls::Error),
+    #[error("connection reset during the handshake: {0}")]
+    Reset(io::Error),
+}
+
+/// Labels of `sqlgate_upstream_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Refused,
+    Timeout,
+    TlsRefused,
+    TlsVerify,
+    EarlyData,
+    Reset,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Refused => "refused",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::TlsRefused => "tls_refused",
+            ErrorKind::TlsVerify => "tls_verify",
+            ErrorKind::EarlyData => "early_data",
+            ErrorKind::Reset => "reset",
+        }
+    }
+}
+
+impl UpstreamError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } => ErrorKind::Refused,
+            UpstreamError::Timeout(_) => ErrorKind::Timeout,
+            UpstreamError::TlsRefused(_)
+            | UpstreamError::NoAlpn
+            | UpstreamError::TlsHandshake(_) => ErrorKind::TlsRefused,
+            UpstreamError::TlsVerify(_) => ErrorKind::TlsVerify,
+            UpstreamError::EarlyData => ErrorKind::EarlyData,
+            UpstreamError::Reset(_) => ErrorKind::Reset,
+        }
+    }
+
+    /// Whether the failure is about TLS (refusal, verification, injection)
+    /// rather than reachability.
+    pub fn is_tls(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::TlsRefused | ErrorKind::TlsVerify | ErrorKind::EarlyData
+        )
+    }
+}
+
+/// Dials `node` and completes the verified TLS handshake, within
+/// `cfg.connect_timeout` in all.
+///
+/// # Errors
+/// Any [`UpstreamError`]; the caller moves on to the next node.
+pub async fn connect(node: &NodeConfig, cfg: &UpstreamConfig) -> Result<Connection, UpstreamError> {
+    connect_with(node, cfg.negotiation, &cfg.tls, cfg.connect_timeout).await
+}
+
+/// [`connect`] with explicit parameters (health probes use their own timeout).
+///
+/// # Errors
+/// Any [`UpstreamError`].
+pub async fn connect_with(
+    node: &NodeConfig,
+    negotiation: Negotiation,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Connection, UpstreamError> {
+    let started = Instant::now();
+    tokio::time::timeout(timeout, async {
+        let addrs = resolve(node).await?;
+        let mut last = None;
+        for addr in addrs {
+            match dial(node, addr, negotiation, tls).await {
+                Ok(stream) => {
+                    return Ok(Connection {
+                        stream,
+                        addr,
+                        elapsed: started.elapsed(),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| UpstreamError::Resolve {
+            host: node.host.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        }))
+    })
+    .await
+    .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+}
+
+/// Addresses to try for `node`: its `addr` when set, else whatever `host`
+/// resolves to now (names are resolved at dial time, not once at start).
+async fn resolve(node: &NodeConfig) -> Result<Vec<SocketAddr>, UpstreamError> {
+    if let Some(addr) = node.addr {
+        return Ok(vec![addr]);
+    }
+    tokio::net::lookup_host((node.host.as_str(), node.port))
+        .await
+        .map(|addrs| addrs.collect())
+        .map_err(|source| UpstreamError::Resolve {
+            host: node.host.clone(),
+            source,
+        })
+}
+
+/// One address: TCP, negotiation, handshake.
+pub async fn dial(
+    node: &NodeConfig,
+    addr: SocketAddr,
+    negotiation: Negotiation,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<UpstreamStream, UpstreamError> {
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    tune_socket(&tcp);
+    if negotiation == Negotiation::Postgres {
+        request_tls(&mut tcp).await?;
+    }
+    let name =
+        tls::server_name(&node.host).map_err(|source| UpstreamError::Connect { addr, source })?;
+    let stream = TlsConnector::from(Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(classify_handshake_error)?;
+    if negotiation == Negotiation::Direct
+        && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL)
+    {
+        return Err(UpstreamError::NoAlpn);
+    }
+    Ok(stream)
+}
+
+/// Sends SSLRequest and reads exactly one byte of answer.
+async fn request_tls(tcp: &mut TcpStream) -> Result<(), UpstreamError> {
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8u32.to_be_bytes());
+    request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&request)
+        .await
+        .map_err(UpstreamError::Reset)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(UpstreamError::Reset)?;
+    match answer[0] {
+        b'S' => {
+            // Nothing may follow the 'S' until our ClientHello has been sent.
+            let mut probe = [0u8; 1];
+            match tcp.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Ok(0) => Err(UpstreamError::Reset(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => Err(UpstreamError::EarlyData),
+                Err(e) => Err(UpstreamError::Reset(e)),
+            }
+        }
+        other => Err(UpstreamError::TlsRefused(if other.is_ascii_graphic() {
+            other as char
+        } else {
+            '?'
+        })),
+    }
+}
+
+fn classify_handshake_error(e: io::Error) -> UpstreamError {
+    let inner = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .cloned();
+    match inner {
+        Some(err @ rustls::Error::InvalidCertificate(_)) => UpstreamError::TlsVerify(err),
+        Some(err) => UpstreamError::TlsHandshake(err),
+        None => UpstreamError::Reset(e),
+    }
+}
+
+/// TCP_NODELAY (the wire protocol is request/response) and keepalive, so a
+/// vanished node ends idle sessions instead of holding them forever.
+pub fn tune_socket(tcp: &TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    if let Err(e) = SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
