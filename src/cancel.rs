@@ -5,11 +5,16 @@
 //! CancelRequest arrives on a new client connection; a matching one is sent to
 //! that exact node over a fresh verified TLS connection. Unknown keys are
 //! dropped without a word, as PostgreSQL does.
+//!
+//! Floods are bounded twice: at most [`MAX_CONCURRENT_FORWARDS`] forwards are
+//! in flight, and a token bucket ([`FORWARD_BURST`], refilled at
+//! [`FORWARDS_PER_SECOND`]) caps the rate of TLS dials a flood of valid keys
+//! can cause. Unknown keys cost one table lookup and never reach a node.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,8 +25,41 @@ use crate::pgwire::backend::BackendKeyData;
 use crate::pgwire::frontend::CancelRequest;
 use crate::upstream::{self, UpstreamError};
 
-/// Cancels forwarded at once; more wait for a slot or are dropped.
-const MAX_CONCURRENT_FORWARDS: usize = 64;
+/// Cancels forwarded at once; more are dropped.
+pub const MAX_CONCURRENT_FORWARDS: usize = 64;
+/// Cancels that may be forwarded back to back before the rate limit applies.
+pub const FORWARD_BURST: f64 = 200.0;
+/// Sustained rate of forwarded cancels; beyond it they are dropped.
+pub const FORWARDS_PER_SECOND: f64 = 100.0;
+
+/// A token bucket: `take` succeeds while tokens are left; they refill over time.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn full() -> Self {
+        Self {
+            tokens: FORWARD_BURST,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one, after refilling for the time since last use.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * FORWARDS_PER_SECOND).min(FORWARD_BURST);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// Where a cancel for one session must go.
 #[derive(Debug, Clone)]
@@ -38,6 +76,7 @@ type Key = (u32, Vec<u8>);
 pub struct CancelTable {
     entries: Mutex<HashMap<Key, CancelTarget>>,
     forwards: Arc<Semaphore>,
+    rate: Mutex<TokenBucket>,
 }
 
 impl Default for CancelTable {
@@ -84,6 +123,7 @@ impl CancelTable {
         Self {
             entries: Mutex::new(HashMap::new()),
             forwards: Arc::new(Semaphore::new(MAX_CONCURRENT_FORWARDS)),
+            rate: Mutex::new(TokenBucket::full()),
         }
     }
 
@@ -147,6 +187,17 @@ impl CancelTable {
             tracing::warn!("too many cancel requests in flight; dropping one");
             return CancelOutcome::Failed;
         };
+        let allowed = self
+            .rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now());
+        if !allowed {
+            tracing::warn!(
+                "cancel requests over {FORWARDS_PER_SECOND}/s (burst {FORWARD_BURST}); dropping one"
+            );
+            return CancelOutcome::Failed;
+        }
         match send(&target, upstream).await {
             Ok(()) => CancelOutcome::Forwarded,
             Err(e) => {
@@ -179,4 +230,27 @@ async fn send(target: &CancelTarget, cfg: &UpstreamConfig) -> Result<(), Upstrea
     let mut sink = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_the_refill_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket {
+            tokens: FORWARD_BURST,
+            refilled: start,
+        };
+        let burst = (0..1000).filter(|_| bucket.take(start)).count();
+        assert_eq!(burst, FORWARD_BURST as usize);
+        assert!(!bucket.take(start), "empty until time passes");
+        let later = start + Duration::from_secs(1);
+        let refilled = (0..1000).filter(|_| bucket.take(later)).count();
+        assert_eq!(refilled, FORWARDS_PER_SECOND as usize);
+        let much_later = later + Duration::from_secs(3600);
+        let capped = (0..1000).filter(|_| bucket.take(much_later)).count();
+        assert_eq!(capped, FORWARD_BURST as usize, "never more than one burst");
+    }
 }

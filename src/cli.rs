@@ -44,6 +44,10 @@ pub enum Command {
         /// Region of the nodes, when the host names do not tell.
         #[arg(long)]
         region: Option<String>,
+        /// Local address for apps, e.g. 127.0.0.1:26258 (repeatable; default
+        /// 127.0.0.1:26257 and [::1]:26257).
+        #[arg(long, value_name = "ADDR")]
+        listen: Vec<std::net::SocketAddr>,
         /// Where to write the config.
         #[arg(short, long, default_value = "sqlgate.toml")]
         output: PathBuf,

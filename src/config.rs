@@ -409,8 +409,60 @@ impl Config {
         {
             out.push(format!("routing.region {region:?} has no nodes"));
         }
+        out.extend(expiry_warnings(
+            &self.upstream.ca_file,
+            std::time::SystemTime::now(),
+        ));
         out
     }
+}
+
+/// How close to its end a CA certificate's validity earns a warning.
+const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+/// A warning for each certificate in the PEM file at `path` that has expired
+/// or expires within [`EXPIRY_WARNING`] of `now`.
+fn expiry_warnings(path: &Path, now: std::time::SystemTime) -> Vec<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let Ok(certs) = CertificateDer::pem_file_iter(path) else {
+        return Vec::new();
+    };
+    let now_unix = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = Vec::new();
+    for der in certs.flatten() {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        let Ok(not_after) = u64::try_from(cert.validity().not_after.timestamp()) else {
+            out.push(format!(
+                "CA certificate {:?} in {} has expired",
+                cert.subject().to_string(),
+                path.display()
+            ));
+            continue;
+        };
+        let ends = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(not_after),
+        );
+        if not_after <= now_unix {
+            out.push(format!(
+                "CA certificate {:?} in {} expired at {ends}",
+                cert.subject().to_string(),
+                path.display()
+            ));
+        } else if not_after - now_unix <= EXPIRY_WARNING.as_secs() {
+            out.push(format!(
+                "CA certificate {:?} in {} expires in {} days (at {ends}); renew it",
+                cert.subject().to_string(),
+                path.display(),
+                (not_after - now_unix) / 86_400
+            ));
+        }
+    }
+    out
 }
 
 fn validate_listeners(

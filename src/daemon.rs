@@ -1,19 +1,26 @@
-//! The running daemon: binds the listeners, owns the shared state (config
-//! snapshot, node table, cancel keys) and drains on shutdown.
+//! The running daemon: binds (or adopts from systemd) the listeners and the
+//! metrics endpoint, owns the shared state (config snapshot, node table, cancel
+//! keys, live sessions), reloads the config on request, keeps systemd informed
+//! and drains on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::allowlist::Allowlist;
 use crate::cancel::CancelTable;
-use crate::config::{Config, Endpoint};
-use crate::listener::{self, Bound, Shared};
-use crate::routing::Router;
+use crate::config::{Config, ConfigError, Endpoint};
+use crate::listener::{self, Bound, ConnectionLimit, ListenerState, LiveSessions, Shared};
+use crate::metrics::{self as m, Exporter, MetricsError, NotReady, Readiness, ReloadOutcome};
+use crate::routing::{Prober, Router};
 use crate::session::SessionContext;
+use crate::systemd::{self, Inherited};
 
 /// How long sessions cut at the end of the grace period get to close.
 const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
@@ -25,95 +32,216 @@ pub enum DaemonError {
         endpoint: String,
         source: std::io::Error,
     },
+    #[error("cannot use a socket inherited from systemd: {0}")]
+    Adopt(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
-/// A daemon with its listeners bound, not yet serving.
+/// Why a reload requested through [`Reloader::reload`] did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("new config rejected, the running one stays: {0}")]
+    Config(#[from] ConfigError),
+    #[error("the daemon is not running")]
+    NotRunning,
+}
+
+type ReloadRequest = Option<oneshot::Sender<Result<(), ReloadError>>>;
+
+/// Asks a daemon to re-read its config file and certificates (what SIGHUP does).
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    requests: mpsc::Sender<ReloadRequest>,
+}
+
+impl Reloader {
+    /// Requests a reload without waiting. Requests that arrive while one is
+    /// already queued are merged into it.
+    pub fn request(&self) {
+        let _ = self.requests.try_send(None);
+    }
+
+    /// Reloads and waits for the outcome.
+    ///
+    /// # Errors
+    /// The new config is invalid (the old one stays), or the daemon has stopped.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let (done, outcome) = oneshot::channel();
+        self.requests
+            .send(Some(done))
+            .await
+            .map_err(|_| ReloadError::NotRunning)?;
+        outcome.await.map_err(|_| ReloadError::NotRunning)?
+    }
+}
+
+/// A daemon with its listeners (and metrics endpoint) bound, not yet serving.
 pub struct Daemon {
     config: Arc<Config>,
-    bound: Vec<(Bound, Arc<str>, Option<crate::allowlist::Allowlist>)>,
+    listeners: Vec<(Bound, Arc<ListenerState>)>,
+    exporter: Option<Exporter>,
+    reloads: (mpsc::Sender<ReloadRequest>, mpsc::Receiver<ReloadRequest>),
 }
 
 impl Daemon {
-    /// Binds every listener of `config` (port 0 is allowed).
+    /// Binds every listener of `config` (port 0 is allowed) and the metrics
+    /// endpoint.
     ///
     /// # Errors
-    /// The first listener that cannot be bound.
+    /// The first listener that cannot be bound, or the metrics endpoint.
     pub async fn bind(config: Config) -> Result<Daemon, DaemonError> {
-        let mut bound = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            let b = listener::bind(l)
-                .await
-                .map_err(|source| DaemonError::Bind {
-                    endpoint: l.endpoint.to_string(),
-                    source,
-                })?;
-            let name: Arc<str> = match (&l.endpoint, b.local_addr()) {
-                (Endpoint::Tcp(_), Some(addr)) => addr.to_string().into(),
-                (endpoint, _) => endpoint.to_string().into(),
-            };
-            let allow = match l.endpoint {
-                Endpoint::Tcp(_) => Some(l.allow.clone()),
-                Endpoint::Unix { .. } => None,
-            };
-            tracing::info!(listener = %name, addr = %name, "listening");
-            bound.push((b, name, allow));
-        }
+        Self::bind_or_adopt(config, Vec::new()).await
+    }
+
+    /// Like [`Daemon::bind`], but serves on `inherited` sockets (systemd socket
+    /// activation, see [`systemd::take_inherited_listeners`]) instead of binding
+    /// `[[listen]]` when there are any. An inherited socket whose address (or
+    /// path) matches a `[[listen]]` entry takes that entry's allowlist; others
+    /// get the default loopback allowlist.
+    ///
+    /// # Errors
+    /// A socket that cannot be bound or adopted, or the metrics endpoint.
+    pub async fn bind_or_adopt(
+        config: Config,
+        inherited: Vec<Inherited>,
+    ) -> Result<Daemon, DaemonError> {
+        let listeners = if inherited.is_empty() {
+            bind_configured(&config).await?
+        } else {
+            adopt_inherited(&config, inherited)?
+        };
+        let exporter = match &config.metrics {
+            Some(metrics) => {
+                let exporter = Exporter::bind(metrics.addr).await?;
+                if let Some(addr) = exporter.local_addr() {
+                    tracing::info!(addr = %addr, "metrics listening (GET /metrics, /healthz, /readyz)");
+                }
+                Some(exporter)
+            }
+            None => None,
+        };
         Ok(Daemon {
             config: Arc::new(config),
-            bound,
+            listeners,
+            exporter,
+            reloads: mpsc::channel(1),
         })
     }
 
     /// The addresses the TCP listeners are bound to.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.bound
+        self.listeners
             .iter()
-            .filter_map(|(b, _, _)| b.local_addr())
+            .filter_map(|(b, _)| b.local_addr())
             .collect()
     }
 
-    /// Serves until `shutdown` is cancelled, then drains: new connections get
-    /// 57P01, running sessions get up to `limits.shutdown_grace` to finish, and
-    /// what is left is closed.
+    /// The address of the metrics endpoint, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.exporter.as_ref().and_then(Exporter::local_addr)
+    }
+
+    /// A handle that triggers config reloads while [`Daemon::run`] runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            requests: self.reloads.0.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, reloading when asked, then drains:
+    /// new connections get 57P01, running sessions get up to
+    /// `limits.shutdown_grace` to finish, and what is left is closed.
     ///
     /// # Errors
     /// None yet at run time; the signature leaves room for fatal runtime errors.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), DaemonError> {
-        let config = ArcSwap::from(Arc::clone(&self.config));
+        let Daemon {
+            config: initial,
+            listeners,
+            exporter,
+            reloads: (_keep_open, mut reload_requests),
+        } = self;
+        let limit = ConnectionLimit::new(initial.limits.max_connections);
+        let live = Arc::new(LiveSessions::default());
         let state = Arc::new(State {
-            config,
-            router: Arc::new(Router::new(&self.config.nodes, &self.config.routing)),
+            config: ArcSwap::from(Arc::clone(&initial)),
+            router: Arc::new(Router::new(
+                &initial.nodes,
+                &initial.routing,
+                &initial.health,
+            )),
             cancels: Arc::new(CancelTable::new()),
             kill_all: CancellationToken::new(),
             draining: CancellationToken::new(),
+            limit: Arc::clone(&limit),
+            live: Arc::clone(&live),
+            listeners: listeners.iter().map(|(_, l)| Arc::clone(l)).collect(),
+            serving: AtomicBool::new(false),
         });
+        let prober = Prober::spawn(Arc::clone(&state.router), &initial);
         let tracker = TaskTracker::new();
         let factory_state = Arc::clone(&state);
         let shared = Arc::new(Shared::new(
             Box::new(move |id| factory_state.session_context(id)),
-            self.config.limits.max_connections,
+            limit,
+            live,
+            state.draining.clone(),
             tracker.clone(),
         ));
         let stop_accepting = CancellationToken::new();
         let mut loops = Vec::new();
-        for (bound, name, allow) in self.bound {
+        for (bound, listener) in listeners {
             loops.push(tokio::spawn(listener::accept_loop(
                 bound,
-                name,
-                allow,
+                listener,
                 Arc::clone(&shared),
                 stop_accepting.clone(),
             )));
         }
+        state.serving.store(true, Ordering::Release);
 
-        shutdown.cancelled().await;
+        // Endpoints that outlive the drain: /readyz must say 503 while it runs.
+        let background = CancellationToken::new();
+        if let Some(exporter) = exporter {
+            let ready: Arc<dyn Readiness> = Arc::clone(&state) as Arc<dyn Readiness>;
+            tokio::spawn(exporter.serve(ready, background.clone()));
+        }
+        tokio::spawn(systemd::keep_alive(background.clone()));
+        let announce = Arc::clone(&state);
+        let gave_up = background.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = announce.first_health_round() => {
+                    if !announce.draining.is_cancelled() {
+                        tracing::info!("ready");
+                        systemd::ready();
+                    }
+                }
+                () = gave_up.cancelled() => {}
+            }
+        });
+
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(request) = reload_requests.recv() => {
+                    let outcome = state.reload().await;
+                    if let Some(done) = request {
+                        let _ = done.send(outcome);
+                    }
+                }
+            }
+        }
+
+        systemd::stopping();
         let grace = state.config.load().limits.shutdown_grace;
-        tracing::info!(grace = %humantime::format_duration(grace), sessions = tracker.len(), "draining");
+        tracing::info!(grace = %humantime::format_duration(grace), sessions = state.live.len(), "draining");
         state.draining.cancel();
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
-                sessions = tracker.len(),
+                sessions = state.live.len(),
                 "grace period over; closing remaining sessions"
             );
             state.kill_all.cancel();
@@ -123,8 +251,80 @@ impl Daemon {
         for l in loops {
             let _ = l.await;
         }
+        prober.stop().await;
+        background.cancel();
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+async fn bind_configured(config: &Config) -> Result<Vec<(Bound, Arc<ListenerState>)>, DaemonError> {
+    let mut out = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let b = listener::bind(l)
+            .await
+            .map_err(|source| DaemonError::Bind {
+                endpoint: l.endpoint.to_string(),
+                source,
+            })?;
+        let name: Arc<str> = match (&l.endpoint, b.local_addr()) {
+            (Endpoint::Tcp(_), Some(addr)) => addr.to_string().into(),
+            (endpoint, _) => endpoint.to_string().into(),
+        };
+        let allow = match l.endpoint {
+            Endpoint::Tcp(_) => Some(l.allow.clone()),
+            Endpoint::Unix { .. } => None,
+        };
+        tracing::info!(listener = %name, addr = %name, "listening");
+        out.push((
+            b,
+            Arc::new(ListenerState::new(name, l.endpoint.clone(), allow)),
+        ));
+    }
+    Ok(out)
+}
+
+fn adopt_inherited(
+    config: &Config,
+    inherited: Vec<Inherited>,
+) -> Result<Vec<(Bound, Arc<ListenerState>)>, DaemonError> {
+    let mut out = Vec::with_capacity(inherited.len());
+    for socket in inherited {
+        let fd_name = socket.name.clone();
+        let bound = Bound::adopt(socket).map_err(DaemonError::Adopt)?;
+        let Some(endpoint) = bound.endpoint() else {
+            return Err(DaemonError::Adopt(std::io::Error::other(
+                "an inherited unix socket has no path",
+            )));
+        };
+        let configured = config
+            .listeners
+            .iter()
+            .find(|l| same_endpoint(&l.endpoint, &endpoint));
+        let allow = match (&endpoint, configured) {
+            (Endpoint::Unix { .. }, _) => None,
+            (Endpoint::Tcp(_), Some(l)) => Some(l.allow.clone()),
+            (Endpoint::Tcp(addr), None) => {
+                tracing::warn!(
+                    addr = %addr,
+                    "inherited socket matches no [[listen]] addr; it admits the default allowlist (127.0.0.0/8, ::1/128)"
+                );
+                Some(Allowlist::loopback())
+            }
+        };
+        let name: Arc<str> = endpoint.to_string().into();
+        tracing::info!(listener = %name, addr = %name, fd_name = fd_name.as_deref().unwrap_or(""), "listening (inherited from systemd)");
+        out.push((bound, Arc::new(ListenerState::new(name, endpoint, allow))));
+    }
+    Ok(out)
+}
+
+/// The same address or socket path (a unix socket's file mode aside).
+fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
+    match (a, b) {
+        (Endpoint::Tcp(a), Endpoint::Tcp(b)) => a == b,
+        (Endpoint::Unix { path: a, .. }, Endpoint::Unix { path: b, .. }) => a == b,
+        _ => false,
     }
 }
 
@@ -135,6 +335,11 @@ struct State {
     cancels: Arc<CancelTable>,
     kill_all: CancellationToken,
     draining: CancellationToken,
+    limit: Arc<ConnectionLimit>,
+    live: Arc<LiveSessions>,
+    listeners: Vec<Arc<ListenerState>>,
+    /// Set once the accept loops run.
+    serving: AtomicBool,
 }
 
 impl State {
@@ -149,5 +354,115 @@ impl State {
             kill: self.kill_all.child_token(),
             draining: self.draining.clone(),
         }
+    }
+
+    // --- node health: the one place readiness and READY=1 consult it ------
+
+    /// True when at least one node is up (health probes or dials).
+    fn nodes_ready(&self) -> bool {
+        self.router.any_up()
+    }
+
+    /// Returns once every node has had a first probe result.
+    async fn first_health_round(&self) {
+        self.router.first_round_done().await;
+    }
+
+    // -----------------------------------------------------------------------
+
+    /// Re-reads the config file and its certificates; applies them when valid.
+    async fn reload(&self) -> Result<(), ReloadError> {
+        systemd::reloading();
+        let path = self.config.load().path.clone();
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load(&path)).await
+        };
+        let outcome = match loaded {
+            Ok(Ok(new)) => {
+                self.apply(new);
+                m::config_reload(ReloadOutcome::Ok);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "config reload failed; keeping the running config");
+                m::config_reload(ReloadOutcome::Error);
+                Err(ReloadError::Config(e))
+            }
+            Err(join) => {
+                tracing::error!(error = %join, "config reload failed; keeping the running config");
+                m::config_reload(ReloadOutcome::Error);
+                Err(ReloadError::Config(ConfigError {
+                    path,
+                    line: None,
+                    message: format!("the config loader failed: {join}"),
+                }))
+            }
+        };
+        systemd::ready();
+        outcome
+    }
+
+    /// Puts a validated config in force: new sessions use it at once; live
+    /// sessions that a changed allowlist no longer admits are closed.
+    fn apply(&self, new: Config) {
+        let old = self.config.load_full();
+        for listener in &self.listeners {
+            match new
+                .listeners
+                .iter()
+                .find(|l| same_endpoint(&l.endpoint, &listener.endpoint))
+            {
+                Some(l) => listener.set_allow(l.allow.clone()),
+                None => tracing::warn!(
+                    listener = %listener.name,
+                    "listener is no longer in the config; it keeps serving until a restart"
+                ),
+            }
+        }
+        for l in &new.listeners {
+            let running = self
+                .listeners
+                .iter()
+                .any(|r| same_endpoint(&r.endpoint, &l.endpoint));
+            if !running && !old.listeners.iter().any(|o| o.endpoint == l.endpoint) {
+                tracing::warn!(listener = %l.endpoint, "a new [[listen]] takes effect after a restart");
+            }
+        }
+        if new.nodes != old.nodes || new.routing.region != old.routing.region {
+            // PLUG(routing): hand the new node table to the router here.
+            tracing::warn!("changes to [[nodes]] and [routing] take effect after a restart");
+        }
+        if new.metrics.as_ref().map(|m| m.addr) != old.metrics.as_ref().map(|m| m.addr) {
+            tracing::warn!("a changed [metrics] addr takes effect after a restart");
+        }
+        if new.log.format != old.log.format || new.log.level != old.log.level {
+            tracing::warn!("changes to [log] take effect after a restart");
+        }
+        self.limit.set_max(new.limits.max_connections);
+        self.config.store(Arc::new(new));
+        let closed = self.live.close_unpermitted();
+        tracing::info!(
+            closed_sessions = closed,
+            "config reloaded; new sessions use it"
+        );
+    }
+}
+
+impl Readiness for State {
+    fn readiness(&self) -> Result<(), NotReady> {
+        if self.draining.is_cancelled() {
+            return Err(NotReady::Draining);
+        }
+        if !self.serving.load(Ordering::Acquire) {
+            return Err(NotReady::Starting);
+        }
+        if !self.nodes_ready() {
+            return Err(NotReady::NoNodeUp);
+        }
+        if self.limit.is_full() {
+            return Err(NotReady::AtConnectionLimit);
+        }
+        Ok(())
     }
 }

@@ -16,17 +16,21 @@
 //!
 //! - [`config`]: TOML → validated [`Config`]; errors name file and line.
 //! - [`allowlist`]: pure CIDR decision on the client address.
+//! - [`limits`]: raises the open-files limit (RLIMIT_NOFILE) at start.
 //! - [`listener`]: accept loops, connection limit; spawns sessions.
 //! - [`session`]: one client session, start to finish, in the order above.
 //! - [`pgwire`]: startup-phase codec (client packets, server messages, errors).
 //! - [`upstream`]: dialing a node: TCP, TLS negotiation, verified handshake.
 //! - [`tls`]: the rustls client configuration, built once.
-//! - [`routing`]: node table snapshots and selection.
+//! - [`routing`]: node table snapshots, health probes, region-nearest selection.
+//! - [`nodes`]: `sqlgate nodes`: probe every node once and print the table.
 //! - [`cancel`]: cancel key table and forwarding.
 //! - [`relay`]: the bidirectional byte copy.
-//! - [`metrics`]: metric names and label values.
-//! - [`daemon`]: binds listeners, owns shared state, drains on shutdown.
-//! - [`shutdown`]: signals → cancellation.
+//! - [`metrics`]: metric names and label values; `/metrics`, `/healthz`, `/readyz`.
+//! - [`init`]: `sqlgate init`: a config from a cluster's connection string.
+//! - [`daemon`]: binds listeners, owns shared state, reloads, drains on shutdown.
+//! - [`shutdown`]: signals → drain (SIGTERM/SIGINT) and reload (SIGHUP).
+//! - [`systemd`]: sd_notify, watchdog, socket activation; no-ops without systemd.
 
 #![forbid(unsafe_code)]
 
@@ -35,18 +39,22 @@ pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod init;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod nodes;
 pub mod pgwire;
 pub mod relay;
 pub mod routing;
 pub mod session;
 pub mod shutdown;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};
-pub use daemon::{Daemon, DaemonError};
+pub use daemon::{Daemon, DaemonError, ReloadError, Reloader};
 
 /// Exit code for bad usage or a bad config (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;

@@ -1,13 +1,19 @@
 //! Accept loops: one per listener. The loop only accepts, applies the
 //! connection limit and spawns; every handshake runs in the session task.
+//!
+//! Also here: binding (or adopting systemd's) listening sockets, the
+//! connection limit, and the table of live sessions that a reloaded allowlist
+//! is checked against.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
@@ -18,8 +24,9 @@ use crate::allowlist::Allowlist;
 use crate::config::{Endpoint, ListenerConfig};
 use crate::metrics::{self as m, ConnectionOutcome};
 use crate::pgwire::error::{SqlState, fatal};
-use crate::pgwire::frontend::StartupReader;
+use crate::pgwire::frontend::{FrontendPacket, StartupReader};
 use crate::session::{self, SessionContext};
+use crate::systemd::{Inherited, InheritedSocket};
 
 /// Rejections (over the limit) being answered at once; beyond this, excess
 /// connections are closed without an answer so a flood cannot grow tasks.
@@ -40,6 +47,208 @@ impl Bound {
             Bound::Tcp(l) => l.local_addr().ok(),
             Bound::Unix(_) => None,
         }
+    }
+
+    /// Adopts a socket inherited from systemd (socket activation). Must run
+    /// inside the Tokio runtime.
+    ///
+    /// # Errors
+    /// When the socket cannot be made non-blocking or registered with Tokio.
+    pub fn adopt(inherited: Inherited) -> io::Result<Bound> {
+        match inherited.socket {
+            InheritedSocket::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l).map(Bound::Tcp)
+            }
+            InheritedSocket::Unix(l) => {
+                l.set_nonblocking(true)?;
+                UnixListener::from_std(l).map(Bound::Unix)
+            }
+        }
+    }
+
+    /// The endpoint a `[[listen]]` entry would name this socket by.
+    pub fn endpoint(&self) -> Option<Endpoint> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok().map(Endpoint::Tcp),
+            Bound::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .map(|path| Endpoint::Unix { path, mode: 0 }),
+        }
+    }
+}
+
+/// One listener as sessions and reloads see it: its name and its allowlist,
+/// swapped when the config is reloaded.
+#[derive(Debug)]
+pub struct ListenerState {
+    /// Address or path; the `listener` metric label.
+    pub name: Arc<str>,
+    /// The `[[listen]]` endpoint this listener serves, to match on reload.
+    pub endpoint: Endpoint,
+    /// `None` for unix sockets, where file permissions decide.
+    allow: ArcSwapOption<Allowlist>,
+}
+
+impl ListenerState {
+    pub fn new(name: Arc<str>, endpoint: Endpoint, allow: Option<Allowlist>) -> Self {
+        Self {
+            name,
+            endpoint,
+            allow: ArcSwapOption::new(allow.map(Arc::new)),
+        }
+    }
+
+    /// The allowlist in force.
+    pub fn allow(&self) -> Option<Allowlist> {
+        self.allow.load_full().map(|a| Allowlist::clone(&a))
+    }
+
+    /// Puts a new allowlist in force for new and (via
+    /// [`LiveSessions::close_unpermitted`]) live sessions. Unix listeners keep none.
+    pub fn set_allow(&self, allow: Allowlist) {
+        if matches!(self.endpoint, Endpoint::Tcp(_)) {
+            self.allow.store(Some(Arc::new(allow)));
+        }
+    }
+
+    /// Whether a client at `ip` may stay connected to this listener.
+    fn permits(&self, ip: IpAddr) -> bool {
+        self.allow.load().as_ref().is_none_or(|a| a.permits(ip))
+    }
+}
+
+/// The connection limit (`limits.max_connections`), adjustable on reload.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: AtomicUsize,
+    active: AtomicUsize,
+}
+
+/// One admitted connection; frees its slot on drop.
+#[derive(Debug)]
+pub struct Permit(Arc<ConnectionLimit>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: AtomicUsize::new(max),
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot, or `None` at the limit.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let max = self.max.load(Ordering::Acquire);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit(Arc::clone(self)))
+    }
+
+    /// Applies a new limit; connections over it are not closed.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+    }
+
+    /// True when a new client would be refused.
+    pub fn is_full(&self) -> bool {
+        self.active.load(Ordering::Acquire) >= self.max.load(Ordering::Acquire)
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// Every live client connection: where it came from, on which listener, and
+/// the token that ends it. A reloaded allowlist is checked against it.
+#[derive(Debug, Default)]
+pub struct LiveSessions {
+    entries: Mutex<HashMap<u64, LiveSession>>,
+}
+
+#[derive(Debug)]
+struct LiveSession {
+    listener: Arc<ListenerState>,
+    client: Option<IpAddr>,
+    kill: CancellationToken,
+}
+
+/// Removes a session from [`LiveSessions`] when it ends.
+#[derive(Debug)]
+pub struct LiveEntry {
+    sessions: Arc<LiveSessions>,
+    id: u64,
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        self.sessions.lock().remove(&self.id);
+    }
+}
+
+impl LiveSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveSession>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records session `id` until the returned entry drops.
+    pub fn register(
+        self: &Arc<Self>,
+        id: u64,
+        listener: Arc<ListenerState>,
+        client: Option<IpAddr>,
+        kill: CancellationToken,
+    ) -> LiveEntry {
+        self.lock().insert(
+            id,
+            LiveSession {
+                listener,
+                client,
+                kill,
+            },
+        );
+        LiveEntry {
+            sessions: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Ends every session whose listener's allowlist (as now in force) no
+    /// longer admits its client address; returns how many.
+    pub fn close_unpermitted(&self) -> usize {
+        let entries = self.lock();
+        let mut closed = 0;
+        for (id, s) in entries.iter() {
+            if let Some(ip) = s.client
+                && !s.listener.permits(ip)
+                && !s.kill.is_cancelled()
+            {
+                tracing::info!(session.id = id, client.addr = %ip, listener = %s.listener.name, "closing session: the reloaded allowlist no longer admits its client");
+                s.kill.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -91,23 +300,30 @@ async fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
 /// What every session spawned by a listener shares.
 pub struct Shared {
     pub context: Box<dyn Fn(u64) -> SessionContext + Send + Sync>,
-    pub limit: Arc<Semaphore>,
+    pub limit: Arc<ConnectionLimit>,
     pub rejections: Arc<Semaphore>,
     pub tracker: TaskTracker,
+    pub live: Arc<LiveSessions>,
+    /// Cancelled when the daemon starts draining.
+    pub draining: CancellationToken,
     pub next_id: AtomicU64,
 }
 
 impl Shared {
     pub fn new(
         context: Box<dyn Fn(u64) -> SessionContext + Send + Sync>,
-        max_connections: usize,
+        limit: Arc<ConnectionLimit>,
+        live: Arc<LiveSessions>,
+        draining: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
         Self {
             context,
-            limit: Arc::new(Semaphore::new(max_connections)),
+            limit,
             rejections: Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS)),
             tracker,
+            live,
+            draining,
             next_id: AtomicU64::new(1),
         }
     }
@@ -117,11 +333,11 @@ impl Shared {
 /// off instead of spinning.
 pub async fn accept_loop(
     bound: Bound,
-    name: Arc<str>,
-    allow: Option<Allowlist>,
+    listener: Arc<ListenerState>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let name = &listener.name;
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -131,7 +347,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                spawn_session(&shared, &name, allow.clone(), stream, peer);
+                spawn_session(&shared, &listener, stream, peer);
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed; backing off for {backoff:?}");
@@ -167,49 +383,89 @@ async fn accept(bound: &Bound) -> io::Result<(Box<dyn ClientStream>, Option<Sock
 
 fn spawn_session(
     shared: &Arc<Shared>,
-    name: &Arc<str>,
-    allow: Option<Allowlist>,
+    listener: &Arc<ListenerState>,
     stream: Box<dyn ClientStream>,
     peer: Option<SocketAddr>,
 ) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    match shared.limit.clone().try_acquire_owned() {
-        Ok(permit) => {
+    let name = &listener.name;
+    match shared.limit.try_acquire() {
+        Some(permit) => {
             let mut ctx = (shared.context)(id);
+            let live = shared.live.register(
+                id,
+                Arc::clone(listener),
+                peer.map(|p| p.ip()),
+                ctx.kill.clone(),
+            );
+            // Loaded after registering, so a reload in between either is seen
+            // here or finds this session in the live table.
             ctx.listener = Arc::clone(name);
-            ctx.allow = allow;
+            ctx.allow = listener.allow();
             shared.tracker.spawn(async move {
                 session::serve(ctx, stream, peer).await;
+                drop(live);
                 drop(permit);
             });
         }
-        Err(_) => {
-            m::client_connection(name, ConnectionOutcome::OverLimit);
+        None => {
+            let refusal = if shared.draining.is_cancelled() {
+                Refusal::ShuttingDown
+            } else {
+                Refusal::OverLimit
+            };
+            m::client_connection(name, refusal.outcome());
             let Ok(slot) = shared.rejections.clone().try_acquire_owned() else {
                 tracing::warn!(listener = %name, "over max_connections and too many pending rejections; closing");
                 return;
             };
-            tracing::warn!(listener = %name, "over max_connections; refusing client");
+            tracing::warn!(listener = %name, client.addr = ?peer, outcome = refusal.outcome().as_str(), "over max_connections; refusing client");
             shared.tracker.spawn(async move {
-                refuse_over_limit(stream).await;
+                refuse(stream, refusal).await;
                 drop(slot);
             });
         }
     }
 }
 
+/// Why a connection is refused before a session starts.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    OverLimit,
+    ShuttingDown,
+}
+
+impl Refusal {
+    fn outcome(self) -> ConnectionOutcome {
+        match self {
+            Refusal::OverLimit => ConnectionOutcome::OverLimit,
+            Refusal::ShuttingDown => ConnectionOutcome::ShuttingDown,
+        }
+    }
+
+    fn error(self) -> Vec<u8> {
+        match self {
+            Refusal::OverLimit => fatal(
+                SqlState::TOO_MANY_CONNECTIONS,
+                "sqlgate: too many client connections (limits.max_connections); try again later",
+            ),
+            Refusal::ShuttingDown => fatal(
+                SqlState::ADMIN_SHUTDOWN,
+                "sqlgate: the proxy is shutting down; reconnect in a moment",
+            ),
+        }
+    }
+}
+
 /// Reads the client's startup packet (so that the answer is not lost to a reset)
-/// and answers FATAL 53300.
-async fn refuse_over_limit(mut stream: Box<dyn ClientStream>) {
+/// and answers FATAL 53300 (or 57P01 while draining).
+async fn refuse(mut stream: Box<dyn ClientStream>, refusal: Refusal) {
     use tokio::io::AsyncWriteExt;
     let mut reader = StartupReader::new();
     let read = async {
         loop {
             match reader.next_packet(&mut stream).await {
-                Ok(
-                    crate::pgwire::frontend::FrontendPacket::SslRequest
-                    | crate::pgwire::frontend::FrontendPacket::GssEncRequest,
-                ) => {
+                Ok(FrontendPacket::SslRequest | FrontendPacket::GssEncRequest) => {
                     if stream.write_all(b"N").await.is_err() {
                         return;
                     }
@@ -219,10 +475,56 @@ async fn refuse_over_limit(mut stream: Box<dyn ClientStream>) {
         }
     };
     let _ = tokio::time::timeout(REJECTION_READ_TIMEOUT, read).await;
-    let msg = fatal(
-        SqlState::TOO_MANY_CONNECTIONS,
-        "sqlgate: too many client connections (limits.max_connections); try again later",
-    );
-    let _ = stream.write_all(&msg).await;
+    let _ = stream.write_all(&refusal.error()).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limit_admits_up_to_max_and_frees_slots() {
+        let limit = ConnectionLimit::new(2);
+        let a = limit.try_acquire().expect("first");
+        let _b = limit.try_acquire().expect("second");
+        assert!(limit.is_full());
+        assert!(limit.try_acquire().is_none(), "third is over the limit");
+        drop(a);
+        assert!(!limit.is_full());
+        assert!(limit.try_acquire().is_some(), "a freed slot is reused");
+        limit.set_max(5);
+        assert!(!limit.is_full());
+    }
+
+    #[test]
+    fn close_unpermitted_ends_only_sessions_outside_the_new_allowlist() {
+        let net = |s: &str| s.parse::<ipnet::IpNet>().expect("cidr");
+        let listener = Arc::new(ListenerState::new(
+            "127.0.0.1:1".into(),
+            Endpoint::Tcp("127.0.0.1:1".parse().expect("addr")),
+            Some(Allowlist::new(vec![net("127.0.0.0/8")])),
+        ));
+        let live = Arc::new(LiveSessions::default());
+        let (one, two) = (CancellationToken::new(), CancellationToken::new());
+        let _a = live.register(
+            1,
+            Arc::clone(&listener),
+            Some([127, 0, 0, 1].into()),
+            one.clone(),
+        );
+        let _b = live.register(
+            2,
+            Arc::clone(&listener),
+            Some([127, 0, 0, 2].into()),
+            two.clone(),
+        );
+        assert_eq!(live.close_unpermitted(), 0);
+        listener.set_allow(Allowlist::new(vec![net("127.0.0.1/32")]));
+        assert_eq!(live.close_unpermitted(), 1);
+        assert!(!one.is_cancelled());
+        assert!(two.is_cancelled());
+        drop(_b);
+        assert_eq!(live.len(), 1);
+    }
 }

@@ -1,5 +1,7 @@
 //! The `sqlgate` binary: parse the command line, set up logging, call the library.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -49,22 +51,51 @@ fn main() -> ExitCode {
                 exit(EXIT_USAGE)
             }
         },
-        Command::Nodes { .. } | Command::Init { .. } => {
-            eprintln!("sqlgate: this command is not available in this build yet");
-            exit(EXIT_FAILURE)
+        Command::Nodes { config } => exit(sqlgate::nodes::run(&config)),
+        Command::Init {
+            url,
+            ca,
+            region,
+            listen,
+            output,
+            force,
+        } => {
+            let request = sqlgate::init::Request {
+                url,
+                ca,
+                region,
+                listen,
+                output,
+                force,
+            };
+            match sqlgate::init::run(&request) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sqlgate: init: {e}");
+                    exit(e.exit_code())
+                }
+            }
         }
     }
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
+    sqlgate::limits::raise_nofile_limit_logged();
+    // Before any thread exists: this edits the environment (LISTEN_FDS, LISTEN_PID).
+    let inherited = sqlgate::systemd::take_inherited_listeners()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let signals =
+            sqlgate::shutdown::Signals::install().context("cannot install signal handlers")?;
+        let daemon = sqlgate::Daemon::bind_or_adopt(config, inherited).await?;
         let shutdown = CancellationToken::new();
-        sqlgate::shutdown::watch(shutdown.clone()).context("cannot install signal handlers")?;
-        let daemon = sqlgate::Daemon::bind(config).await?;
+        signals.spawn(shutdown.clone(), daemon.reloader());
         daemon.run(shutdown).await?;
         Ok(())
     })

@@ -1,11 +1,34 @@
 //! The byte relay after the startup phase: both directions at once, with byte
-//! counts and which side ended the session.
+//! counts, ending when either side closes.
+//!
+//! Built for many mostly idle sessions on few cores:
+//! - **No buffer is held while a session is idle.** Client bytes are read into a
+//!   buffer on the stack and written to the upstream at once; only the part a
+//!   full upstream cannot take yet is copied to the heap, and that copy is freed
+//!   as soon as it is written. Upstream bytes are written to the client straight
+//!   from the TLS layer's plaintext buffer ([`AsyncBufRead`]), without a copy.
+//! - **Few syscalls per message.** One read and one write per message each way;
+//!   the writer is flushed only when its reader has nothing more to give, so a
+//!   burst of messages is not flushed message by message.
+//! - **Prompt close.** When one side closes, the other side's write half is shut
+//!   down (TLS close_notify, TCP FIN) and the relay waits at most
+//!   [`CLOSE_GRACE`] for the other direction to finish.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-/// Buffer per direction. PostgreSQL writes in 8 KiB chunks; TLS records carry up
-/// to 16 KiB.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest client read, on the stack: one TLS record of plaintext (16 KiB).
+pub const READ_SIZE: usize = 16 * 1024;
+
+/// How long the relay waits, after one side closed, for the other direction to
+/// deliver what is in flight and close too.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -14,24 +37,315 @@ pub struct Transferred {
     pub to_client: u64,
 }
 
-/// Relays until either side closes; the other side's write half is shut down
-/// when its peer finishes, so a close on one side reaches the other promptly.
+/// Relays until either side closes; the other side's write half is then shut
+/// down and the relay waits at most [`CLOSE_GRACE`] for the other direction to
+/// end as well.
 ///
 /// Not cancel-safe in the sense of counts: if the future is dropped, the bytes
 /// moved so far are not reported.
 ///
 /// # Errors
 /// The first I/O error on either side (reset, broken pipe, TLS error).
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> std::io::Result<Transferred>
+pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> io::Result<Transferred>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (to_upstream, to_client) =
-        tokio::io::copy_bidirectional_with_sizes(client, upstream, BUFFER_SIZE, BUFFER_SIZE)
-            .await?;
-    Ok(Transferred {
-        to_upstream,
-        to_client,
+    let mut to_upstream = FromClient::default();
+    let mut to_client = FromUpstream::default();
+
+    // Until one direction has ended (EOF read and the peer's write half shut).
+    poll_fn(|cx| {
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream)?;
+        let down = to_client.poll(cx, &mut *upstream, &mut *client)?;
+        if up.is_ready() || down.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
     })
+    .await?;
+
+    // Then, briefly, for the other one.
+    let rest = poll_fn(|cx| {
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream)?;
+        let down = to_client.poll(cx, &mut *upstream, &mut *client)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    });
+    if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, rest).await {
+        ended?;
+    }
+    Ok(Transferred {
+        to_upstream: to_upstream.state.moved,
+        to_client: to_client.state.moved,
+    })
+}
+
+/// What both directions track.
+#[derive(Debug, Default)]
+struct State {
+    /// Bytes the writer accepted.
+    moved: u64,
+    /// The writer accepted bytes since it was last flushed.
+    needs_flush: bool,
+    /// The reader reached EOF; what is left is to shut the writer down.
+    read_eof: bool,
+    /// The writer is shut down: this direction is over.
+    done: bool,
+}
+
+impl State {
+    /// Writes as much of `data` as the writer takes now; `Ready(n)` with the
+    /// count, or `Pending` when it took nothing.
+    fn poll_write<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        match Pin::new(writer).poll_write(cx, data) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.moved += n as u64;
+                self.needs_flush = true;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    /// The reader has nothing now: flush what was written, so it does not sit
+    /// in a buffer (the TLS layer's) while both peers wait.
+    fn poll_idle<W>(&mut self, cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.needs_flush {
+            match Pin::new(writer).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// After EOF: shut the writer down (this flushes it first).
+    fn poll_finish<W>(&mut self, cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        match Pin::new(writer).poll_shutdown(cx) {
+            Poll::Ready(Ok(())) => {
+                self.done = true;
+                self.needs_flush = false;
+                Poll::Ready(Ok(()))
+            }
+            // The peer already went away: nothing left to tell it.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::NotConnected => {
+                self.done = true;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+/// Client → upstream: read into a stack buffer, write at once; keep on the
+/// heap only what the upstream could not take yet.
+#[derive(Debug, Default)]
+struct FromClient {
+    state: State,
+    /// Read but not yet written; empty (and unallocated) almost always.
+    pending: Vec<u8>,
+    /// How much of `pending` is written.
+    written: usize,
+}
+
+impl FromClient {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.state.done {
+            return Poll::Ready(Ok(()));
+        }
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+        loop {
+            while self.written < self.pending.len() {
+                let n = match self
+                    .state
+                    .poll_write(cx, writer, &self.pending[self.written..])
+                {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => return Poll::Pending,
+                };
+                self.written += n;
+            }
+            if !self.pending.is_empty() {
+                // Free it: an idle session holds no buffer.
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.state.read_eof {
+                return self.state.poll_finish(cx, writer);
+            }
+
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.state.poll_idle(cx, writer),
+            }
+            let data = buf.filled();
+            if data.is_empty() {
+                self.state.read_eof = true;
+                continue;
+            }
+            let mut written = 0;
+            while written < data.len() {
+                match self.state.poll_write(cx, writer, &data[written..]) {
+                    Poll::Ready(r) => written += r?,
+                    Poll::Pending => {
+                        self.pending = data[written..].to_vec();
+                        self.written = 0;
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Upstream → client: write straight from the TLS layer's plaintext buffer;
+/// bytes not yet written simply stay there.
+#[derive(Debug, Default)]
+struct FromUpstream {
+    state: State,
+}
+
+impl FromUpstream {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncBufRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.state.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.state.read_eof {
+                return self.state.poll_finish(cx, writer);
+            }
+            let data = match Pin::new(&mut *reader).poll_fill_buf(cx) {
+                Poll::Ready(Ok(data)) => data,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.state.poll_idle(cx, writer),
+            };
+            if data.is_empty() {
+                self.state.read_eof = true;
+                continue;
+            }
+            let n = match self.state.poll_write(cx, writer, data) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => return Poll::Pending,
+            };
+            Pin::new(&mut *reader).consume(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, duplex};
+
+    #[tokio::test]
+    async fn relays_both_ways_and_counts_bytes() {
+        let (mut client, mut client_end) = duplex(64);
+        let (upstream_end, mut upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        let relay = tokio::spawn(async move { relay(&mut client_end, &mut upstream_end).await });
+
+        let request = vec![7u8; 100_000];
+        let response = vec![9u8; 250_000];
+        let (client_got, upstream_got) = tokio::join!(
+            async {
+                client.write_all(&request).await.expect("client write");
+                let mut got = vec![0u8; response.len()];
+                client.read_exact(&mut got).await.expect("client read");
+                client.shutdown().await.expect("client shutdown");
+                got
+            },
+            async {
+                let mut got = vec![0u8; request.len()];
+                upstream.read_exact(&mut got).await.expect("upstream read");
+                upstream.write_all(&response).await.expect("upstream write");
+                let mut rest = Vec::new();
+                upstream
+                    .read_to_end(&mut rest)
+                    .await
+                    .expect("upstream sees EOF");
+                assert!(rest.is_empty());
+                drop(upstream);
+                got
+            }
+        );
+        assert!(client_got == response, "the client gets the upstream's bytes");
+        assert!(upstream_got == request, "the upstream gets the client's bytes");
+        let moved = relay.await.expect("join").expect("relay");
+        assert_eq!(
+            moved,
+            Transferred {
+                to_upstream: 100_000,
+                to_client: 250_000
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn ends_when_upstream_closes_and_closes_the_client() {
+        let (mut client, mut client_end) = duplex(64);
+        let (upstream_end, mut upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        let relay = tokio::spawn(async move { relay(&mut client_end, &mut upstream_end).await });
+        upstream.write_all(b"bye").await.expect("write");
+        upstream.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("client sees EOF");
+        assert_eq!(got, b"bye");
+        drop(client);
+        let moved = relay.await.expect("join").expect("relay");
+        assert_eq!(moved.to_client, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_waiting_for_a_peer_that_never_closes() {
+        let (mut client, mut client_end) = duplex(64);
+        let (upstream_end, _upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        let relay = tokio::spawn(async move { relay(&mut client_end, &mut upstream_end).await });
+        client.shutdown().await.expect("client closes");
+        // The upstream neither answers nor closes: the relay ends after the grace.
+        let moved = relay.await.expect("join").expect("relay");
+        assert_eq!(moved, Transferred::default());
+    }
 }

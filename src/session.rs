@@ -22,7 +22,7 @@ use crate::pgwire::backend::{self, BackendKeyData, tag};
 use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
 use crate::relay::{self, Transferred};
-use crate::routing::{Node, Router};
+use crate::routing::{self, Node, Router};
 use crate::upstream::{self, UpstreamError, UpstreamStream};
 
 /// Everything a session needs, handed to it by value at accept time.
@@ -221,21 +221,21 @@ where
     // report
     let duration = started.elapsed();
     metrics::histogram!(m::SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
-    match result {
-        Ok(moved) => tracing::info!(
-            duration_ms = duration.as_millis() as u64,
-            bytes.to_upstream = moved.to_upstream,
-            bytes.to_client = moved.to_client,
-            outcome = "closed",
-            "session ended"
-        ),
-        Err(e) => tracing::info!(
-            duration_ms = duration.as_millis() as u64,
-            outcome = "error",
-            error = %e,
-            "session ended"
-        ),
-    }
+    // The one summary line; byte counts of a failed or killed relay are lost
+    // with its future (see relay.rs) and reported as 0.
+    let (moved, outcome, error) = match &result {
+        Ok(moved) => (*moved, "closed", None),
+        Err(SessionError::Killed) => (Transferred::default(), "killed", None),
+        Err(e) => (Transferred::default(), "error", Some(e)),
+    };
+    tracing::info!(
+        duration_ms = duration.as_millis() as u64,
+        bytes.to_upstream = moved.to_upstream,
+        bytes.to_client = moved.to_client,
+        outcome,
+        error = error.map(tracing::field::display),
+        "session ended"
+    );
 }
 
 /// Reads the client's startup packets: SSLRequest and GSSENCRequest are refused
@@ -276,14 +276,24 @@ where
     }
 }
 
-/// Tries candidates best first until one completes a verified TLS handshake.
+/// Tries candidates best first, at most [`routing::MAX_ATTEMPTS`] of them, until
+/// one completes a verified TLS handshake; each attempt is bounded by
+/// `connect_timeout`. Every outcome is reported to the router, so failed
+/// dials count towards marking a node down.
 async fn connect_nearest(
     ctx: &SessionContext,
 ) -> Result<(Arc<Node>, upstream::Connection), SessionError> {
     let mut failures = Vec::new();
-    for node in ctx.router.candidates() {
+    for node in ctx
+        .router
+        .candidates()
+        .into_iter()
+        .take(routing::MAX_ATTEMPTS)
+    {
+        let _dialing = ctx.router.dial_started(&node);
         match upstream::connect(&node.config, &ctx.config.upstream).await {
             Ok(connection) => {
+                ctx.router.dial_succeeded(&node);
                 metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS, "node" => node.id().to_string())
                     .record(connection.elapsed.as_secs_f64());
                 return Ok((node, connection));
@@ -291,7 +301,9 @@ async fn connect_nearest(
             Err(e) => {
                 metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "node" => node.id().to_string(), "kind" => e.kind().as_str())
                     .increment(1);
-                tracing::warn!(node = %node.id(), region = %node.config.region, error = %e, "cannot open session to node");
+                let reason = routing::probe::upstream_advice(&e, &ctx.config.upstream.ca_file);
+                tracing::warn!(node = %node.id(), region = %node.config.region, error = %reason, "cannot open session to node");
+                ctx.router.dial_failed(&node, &reason);
                 failures.push((node, e));
             }
         }
@@ -336,7 +348,7 @@ where
 
     let relayed = tokio::select! {
         r = relay::relay(client, &mut upstream) => r,
-        () = ctx.kill.cancelled() => Err(std::io::Error::other("session closed by sqlgate")),
+        () = ctx.kill.cancelled() => return Err(SessionError::Killed),
     };
     let moved = match relayed {
         Ok(moved) => moved,
@@ -453,12 +465,13 @@ where
     if let Some(outcome) = e.outcome() {
         m::client_connection(&ctx.listener, outcome);
     }
+    let outcome = e.outcome().map_or("error", ConnectionOutcome::as_str);
     match &e {
         SessionError::Protocol(ProtocolError::Closed) => {
-            tracing::debug!("client closed before sending a startup packet");
+            tracing::debug!(outcome, "client closed before sending a startup packet");
         }
-        SessionError::Denied => tracing::info!(error = %e, "client denied"),
-        _ => tracing::warn!(error = %e, "session refused"),
+        SessionError::Denied => tracing::info!(outcome, error = %e, "client denied"),
+        _ => tracing::warn!(outcome, error = %e, "session refused"),
     }
     if let Some((code, text)) = e.client_error() {
         let _ = client.write_all(&fatal(code, &text)).await;

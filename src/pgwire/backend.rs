@@ -107,8 +107,9 @@ pub fn strip_scram_plus(body: &[u8]) -> Result<Option<Vec<u8>>, ProtocolError> {
             }
             break;
         }
-        mechanisms.push(&rest[..end]);
-        rest = &rest[end + 1..];
+        let (mechanism, tail) = rest.split_at(end);
+        mechanisms.push(mechanism);
+        rest = tail.get(1..).unwrap_or_default();
     }
     if !mechanisms.contains(&SCRAM_PLUS) {
         return Ok(None);
@@ -257,5 +258,103 @@ mod tests {
         }
         assert!(BackendKeyData::parse(&[0, 0, 0, 1, 2, 3]).is_err());
         assert!(BackendKeyData::parse(&[0; 4 + 257]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod rewrite_properties {
+    //! Splitting is the same however the server's bytes arrive, and the SASL
+    //! rewrite changes nothing but the `-PLUS` mechanism.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn split_all(data: &[u8], sizes: &[usize]) -> (Vec<Message>, bool) {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut rest = data;
+        let mut sizes = sizes.iter();
+        while !rest.is_empty() {
+            let n = sizes
+                .next()
+                .map_or(rest.len(), |s| (*s).max(1))
+                .min(rest.len());
+            let (now, later) = rest.split_at(n);
+            buf.extend_from_slice(now);
+            rest = later;
+            loop {
+                match split_message(&mut buf) {
+                    Ok(Some(m)) => out.push(m),
+                    Ok(None) => break,
+                    Err(_) => return (out, true),
+                }
+            }
+        }
+        (out, false)
+    }
+
+    fn message_strategy() -> impl Strategy<Value = Message> {
+        let mechanism = prop_oneof![
+            Just(b"SCRAM-SHA-256".to_vec()),
+            Just(SCRAM_PLUS.to_vec()),
+            proptest::collection::vec(1u8..=255, 1..20),
+        ];
+        prop_oneof![
+            proptest::collection::vec(mechanism, 1..4).prop_map(|mechs| {
+                let mut body = AUTH_SASL.to_be_bytes().to_vec();
+                for m in mechs {
+                    body.extend_from_slice(&m);
+                    body.push(0);
+                }
+                body.push(0);
+                Message {
+                    tag: tag::AUTHENTICATION,
+                    body: body.into(),
+                }
+            }),
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(tag, body)| {
+                Message {
+                    tag,
+                    body: body.into(),
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn splits_the_same_messages_however_the_bytes_arrive(
+            messages in proptest::collection::vec(message_strategy(), 1..6),
+            sizes in proptest::collection::vec(1usize..32, 0..64),
+        ) {
+            let mut wire = Vec::new();
+            for m in &messages {
+                m.encode_into(&mut wire);
+            }
+            let (split, failed) = split_all(&wire, &sizes);
+            prop_assert!(!failed);
+            prop_assert_eq!(&split, &messages);
+        }
+
+        #[test]
+        fn sasl_rewrite_removes_only_scram_plus(message in message_strategy()) {
+            if message.tag == tag::AUTHENTICATION && auth_code(&message.body) == Some(AUTH_SASL) {
+                let names = |b: &[u8]| -> Vec<Vec<u8>> {
+                    b[4..].split(|&c| c == 0).filter(|m| !m.is_empty()).map(<[u8]>::to_vec).collect()
+                };
+                let before = names(&message.body);
+                match strip_scram_plus(&message.body) {
+                    Ok(Some(after)) => {
+                        let kept: Vec<Vec<u8>> =
+                            before.iter().filter(|m| m.as_slice() != SCRAM_PLUS).cloned().collect();
+                        prop_assert_eq!(names(&after), kept);
+                        prop_assert_eq!(&after[..4], &message.body[..4]);
+                    }
+                    Ok(None) => prop_assert!(!before.iter().any(|m| m.as_slice() == SCRAM_PLUS)),
+                    Err(_) => prop_assert!(before.iter().all(|m| m.as_slice() == SCRAM_PLUS)),
+                }
+            }
+        }
     }
 }

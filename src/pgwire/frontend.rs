@@ -208,15 +208,19 @@ fn parse_params(body: &[u8]) -> Result<Params, ProtocolError> {
                 Err(ProtocolError::Malformed(WHAT))
             };
         }
-        let key = &rest[..end];
-        rest = &rest[end + 1..];
-        let vend = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(ProtocolError::Malformed(WHAT))?;
-        params.push((key.to_vec(), rest[..vend].to_vec()));
-        rest = &rest[vend + 1..];
+        let (key, tail) = rest.split_at(end);
+        let (value, tail) =
+            split_nul(tail.get(1..).unwrap_or_default()).ok_or(ProtocolError::Malformed(WHAT))?;
+        params.push((key.to_vec(), value.to_vec()));
+        rest = tail;
     }
+}
+
+/// Splits `bytes` at its first NUL: the part before it and the part after it.
+fn split_nul(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = bytes.iter().position(|&b| b == 0)?;
+    let (head, tail) = bytes.split_at(end);
+    Some((head, tail.get(1..).unwrap_or_default()))
 }
 
 /// Reads startup packets from a client, buffering only what it must.
@@ -452,5 +456,133 @@ mod tests {
             reader.next_packet(&mut server).await,
             Err(ProtocolError::DirectTls)
         );
+    }
+}
+
+#[cfg(test)]
+mod split_properties {
+    //! Parsing is the same however the client's bytes are split into reads.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use proptest::prelude::*;
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    /// Hands out `data` in reads of the given sizes; never pending.
+    struct Chunked {
+        data: Vec<u8>,
+        sizes: Vec<usize>,
+        at: usize,
+        read: usize,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let size = self.sizes.get(self.read).copied().unwrap_or(usize::MAX);
+            self.read += 1;
+            let end = self
+                .data
+                .len()
+                .min(self.at.saturating_add(size.max(1)))
+                .min(self.at + buf.remaining());
+            let chunk = self.data[self.at..end].to_vec();
+            buf.put_slice(&chunk);
+            self.at = end;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn read_all(data: &[u8], sizes: Vec<usize>) -> Vec<Result<FrontendPacket, ProtocolError>> {
+        let mut stream = Chunked {
+            data: data.to_vec(),
+            sizes,
+            at: 0,
+            read: 0,
+        };
+        let mut reader = StartupReader::new();
+        let mut out = Vec::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..6 {
+            let mut next = std::pin::pin!(reader.next_packet(&mut stream));
+            let Poll::Ready(result) = next.as_mut().poll(&mut cx) else {
+                panic!("an always-ready stream left the reader pending");
+            };
+            let stop = result.is_err();
+            out.push(result);
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+
+    fn packet_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let param = (
+            proptest::collection::vec(1u8..=255, 1..12),
+            proptest::collection::vec(1u8..=255, 0..24),
+        );
+        prop_oneof![
+            Just(
+                8u32.to_be_bytes()
+                    .iter()
+                    .chain(&SSL_REQUEST_CODE.to_be_bytes())
+                    .copied()
+                    .collect()
+            ),
+            Just(
+                8u32.to_be_bytes()
+                    .iter()
+                    .chain(&GSSENC_REQUEST_CODE.to_be_bytes())
+                    .copied()
+                    .collect()
+            ),
+            (
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 4..=256)
+            )
+                .prop_map(|(pid, key)| { CancelRequest { pid, key }.encode() }),
+            (
+                prop_oneof![Just(0u16), Just(2), Just(9999)],
+                proptest::collection::vec(param, 0..5)
+            )
+                .prop_map(|(minor, params)| {
+                    StartupMessage {
+                        version: ProtocolVersion { major: 3, minor },
+                        params,
+                    }
+                    .encode()
+                }),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn reads_the_same_packets_however_the_bytes_are_split(
+            packets in proptest::collection::vec(packet_strategy(), 1..4),
+            sizes in proptest::collection::vec(1usize..64, 0..64),
+        ) {
+            let data: Vec<u8> = packets.concat();
+            let whole = read_all(&data, Vec::new());
+            let split = read_all(&data, sizes);
+            prop_assert_eq!(whole, split);
+        }
+
+        #[test]
+        fn accepted_packets_encode_back_to_their_bytes(packet in packet_strategy()) {
+            match parse_packet(&packet) {
+                Ok(FrontendPacket::Startup(s)) => prop_assert_eq!(s.encode(), packet),
+                Ok(FrontendPacket::Cancel(c)) => prop_assert_eq!(c.encode(), packet),
+                Ok(_) => prop_assert_eq!(packet.len(), 8),
+                Err(_) => {}
+            }
+        }
     }
 }

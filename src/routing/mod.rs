@@ -1,16 +1,35 @@
 //! Which node a new session goes to.
 //!
-//! The node table is an immutable snapshot swapped atomically; sessions read it
-//! without locks. Selection is a pure function of a snapshot (see `select`);
-//! probing lives apart from it.
+//! The node table ([`NodeTable`]) is an immutable snapshot swapped atomically;
+//! sessions read it without locks. Probes ([`health::Prober`]) and sessions'
+//! dials report results to the [`Router`], which derives the next snapshot
+//! with the pure state machine in [`health`]. Selection is a pure function of a
+//! snapshot ([`select`]). [`probe`] is one probe of one node, also used by
+//! `sqlgate nodes`.
+//!
+//! Nodes not probed yet are tried like healthy ones, so the daemon routes from
+//! its first second. Down nodes are still tried, last, when every other
+//! candidate has failed: if the prober is wrong, a session still gets through.
+
+pub mod health;
+pub mod probe;
+pub mod select;
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::UNIX_EPOCH;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
-use crate::config::{NodeConfig, RoutingConfig};
+pub use health::{NodeHealth, Observation, Prober, Thresholds};
+
+use crate::config::{HealthConfig, NodeConfig, RoutingConfig};
+use crate::metrics as m;
+
+/// At most this many nodes are dialed for one session before it fails.
+pub const MAX_ATTEMPTS: usize = 3;
 
 /// A node's identity: `host:port`, also its metric label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,21 +56,57 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// One node as sessions see it.
+/// Whether a node takes new sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Not probed yet: tried like an up node.
+    Unknown,
+    Up,
+    /// Tried only after every other node.
+    Down,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Unknown => "unknown",
+            Status::Up => "up",
+            Status::Down => "down",
+        }
+    }
+}
+
+/// One node as sessions see it: its config and live session counts.
 #[derive(Debug)]
 pub struct Node {
     pub config: NodeConfig,
     /// Sessions currently relayed to this node.
     active: AtomicUsize,
+    /// Dials in flight to this node (counted as load so that a burst of new
+    /// sessions spreads out before any of them is connected).
+    dialing: AtomicUsize,
 }
 
 impl Node {
+    fn new(config: NodeConfig) -> Self {
+        Node {
+            config,
+            active: AtomicUsize::new(0),
+            dialing: AtomicUsize::new(0),
+        }
+    }
+
     pub fn id(&self) -> &NodeId {
         &self.config.id
     }
 
     pub fn active_sessions(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Active sessions plus dials in flight: what "least loaded" compares.
+    pub fn load(&self) -> usize {
+        self.active_sessions() + self.dialing.load(Ordering::Relaxed)
     }
 }
 
@@ -64,48 +119,375 @@ pub struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.node.active.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::NODE_SESSIONS_ACTIVE, "node" => self.node.id().to_string(), "region" => self.node.config.region.clone())
+            .decrement(1.0);
+    }
+}
+
+/// Counts a dial in flight against its node until dropped.
+#[derive(Debug)]
+pub struct DialGuard {
+    node: Arc<Node>,
+}
+
+impl Drop for DialGuard {
+    fn drop(&mut self) {
+        self.node.dialing.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One row of the node table.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub node: Arc<Node>,
+    pub health: NodeHealth,
+}
+
+/// An immutable snapshot of every node's health.
+#[derive(Debug, Clone)]
+pub struct NodeTable {
+    pub nodes: Vec<NodeState>,
+    /// The region with the lowest RTT, with hysteresis (see [`select::nearest_region`]).
+    pub nearest_region: Option<Arc<str>>,
+}
+
+impl NodeTable {
+    /// Selection's view of the table, with live loads and fresh tie-breaks.
+    fn candidates(&self, tiebreak: impl Fn() -> u64) -> Vec<select::Candidate<'_>> {
+        self.nodes
+            .iter()
+            .map(|s| select::Candidate {
+                region: &s.node.config.region,
+                status: s.health.status,
+                rtt: s.health.rtt,
+                load: s.node.load(),
+                tiebreak: tiebreak(),
+            })
+            .collect()
+    }
+
+    /// The table after `observation` about node `id`.
+    fn observe(&self, id: &NodeId, observation: &Observation, thresholds: Thresholds) -> NodeTable {
+        let mut next = self.clone();
+        for state in &mut next.nodes {
+            if state.node.id() == id {
+                state.health = state.health.observe(observation, thresholds);
+            }
+        }
+        let current = self.nearest_region.as_deref();
+        next.nearest_region = select::nearest_region(&next.candidates(|| 0), current).map(|r| {
+            match &self.nearest_region {
+                Some(kept) if **kept == *r => Arc::clone(kept),
+                _ => Arc::from(r),
+            }
+        });
+        next
+    }
+
+    fn all_known(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|s| s.health.status != Status::Unknown)
     }
 }
 
 /// The node table and the selection over it.
 #[derive(Debug)]
 pub struct Router {
-    nodes: ArcSwap<Vec<Arc<Node>>>,
+    table: ArcSwap<NodeTable>,
     routing: RoutingConfig,
+    thresholds: Thresholds,
+    /// `true` once every node has a first result.
+    first_round: watch::Sender<bool>,
 }
 
 impl Router {
-    pub fn new(nodes: &[NodeConfig], routing: &RoutingConfig) -> Self {
+    pub fn new(nodes: &[NodeConfig], routing: &RoutingConfig, health: &HealthConfig) -> Self {
+        let table = NodeTable {
+            nodes: nodes
+                .iter()
+                .map(|config| NodeState {
+                    node: Arc::new(Node::new(config.clone())),
+                    health: NodeHealth::default(),
+                })
+                .collect(),
+            nearest_region: None,
+        };
+        let (first_round, _) = watch::channel(table.all_known());
         Self {
-            nodes: ArcSwap::from_pointee(
-                nodes
-                    .iter()
-                    .map(|config| {
-                        Arc::new(Node {
-                            config: config.clone(),
-                            active: AtomicUsize::new(0),
-                        })
-                    })
-                    .collect(),
-            ),
+            table: ArcSwap::from_pointee(table),
             routing: routing.clone(),
+            thresholds: Thresholds::from_config(health),
+            first_round,
         }
     }
 
-    /// Nodes to try for a new session, best first.
+    /// Nodes to try for a new session, best first: every node, down ones last
+    /// (callers bound the attempts, see [`MAX_ATTEMPTS`]).
     pub fn candidates(&self) -> Vec<Arc<Node>> {
-        self.nodes.load().iter().cloned().collect()
+        let table = self.table.load();
+        let candidates = table.candidates(rand::random::<u64>);
+        let nearest = table.nearest_region.as_deref();
+        select::order(&candidates, self.preferred_region(), nearest)
+            .into_iter()
+            .map(|i| Arc::clone(&table.nodes[i].node))
+            .collect()
+    }
+
+    /// The current snapshot of the node table.
+    pub fn snapshot(&self) -> Arc<NodeTable> {
+        self.table.load_full()
+    }
+
+    /// Every node, in config order.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.table
+            .load()
+            .nodes
+            .iter()
+            .map(|s| Arc::clone(&s.node))
+            .collect()
     }
 
     /// Marks a session as running on `node` until the guard drops.
     pub fn session_started(&self, node: &Arc<Node>) -> SessionGuard {
         node.active.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::NODE_SESSIONS_ACTIVE, "node" => node.id().to_string(), "region" => node.config.region.clone())
+            .increment(1.0);
         SessionGuard {
             node: Arc::clone(node),
         }
     }
 
+    /// Marks a dial to `node` as in flight until the guard drops.
+    pub fn dial_started(&self, node: &Arc<Node>) -> DialGuard {
+        node.dialing.fetch_add(1, Ordering::Relaxed);
+        DialGuard {
+            node: Arc::clone(node),
+        }
+    }
+
+    /// `routing.region`, when set.
     pub fn preferred_region(&self) -> Option<&str> {
         self.routing.region.as_deref()
+    }
+
+    /// The region new sessions go to first when `routing.region` is unset
+    /// (`None` until RTTs are measured).
+    pub fn nearest_region(&self) -> Option<Arc<str>> {
+        self.table.load().nearest_region.clone()
+    }
+
+    /// Whether at least one node is up (for `/readyz`). False until the first
+    /// probe results arrive.
+    pub fn any_up(&self) -> bool {
+        self.table
+            .load()
+            .nodes
+            .iter()
+            .any(|s| s.health.status == Status::Up)
+    }
+
+    /// Whether every node has had a first probe (or dial) result.
+    pub fn first_round_is_done(&self) -> bool {
+        *self.first_round.borrow()
+    }
+
+    /// Completes once every node has had a first probe (or dial) result: the
+    /// moment for systemd's READY=1. Never completes if no [`Prober`] runs and
+    /// no session dials. Cancel-safe.
+    pub async fn first_round_done(&self) {
+        let mut done = self.first_round.subscribe();
+        // The sender lives in `self`, so this only ends when the flag is set.
+        let _ = done.wait_for(|done| *done).await;
+    }
+
+    /// Records a probe or dial result for node `id`: updates its health, the
+    /// nearest region, the node metrics, and logs state changes.
+    pub fn observe(&self, id: &NodeId, observation: &Observation) {
+        let thresholds = self.thresholds;
+        let before = self
+            .table
+            .rcu(|table| table.observe(id, observation, thresholds));
+        // The pure update again, on exactly the table it replaced.
+        let after = before.observe(id, observation, thresholds);
+        if let Some((old, new)) = before
+            .nodes
+            .iter()
+            .zip(&after.nodes)
+            .find(|(old, _)| old.node.id() == id)
+        {
+            report(old, new);
+        }
+        if before.nearest_region != after.nearest_region
+            && let Some(region) = &after.nearest_region
+        {
+            tracing::info!(%region, "nearest region changed");
+        }
+        if after.all_known() {
+            self.first_round
+                .send_if_modified(|done| !std::mem::replace(done, true));
+        }
+    }
+
+    /// A session's dial to `node` completed its TLS handshake.
+    pub fn dial_succeeded(&self, node: &Node) {
+        self.observe(node.id(), &Observation::DialOk);
+    }
+
+    /// A session's dial to `node` failed; it counts towards marking it down.
+    pub fn dial_failed(&self, node: &Node, reason: &str) {
+        self.observe(
+            node.id(),
+            &Observation::Failed {
+                reason: reason.into(),
+            },
+        );
+    }
+}
+
+/// Metrics for one node after an observation, and a log line when its status
+/// changed.
+fn report(old: &NodeState, new: &NodeState) {
+    let node = &new.node;
+    let (id, region) = (node.id().to_string(), node.config.region.clone());
+    let up = if new.health.status == Status::Up {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!(m::NODE_UP, "node" => id.clone(), "region" => region.clone()).set(up);
+    if let Some(rtt) = new.health.rtt {
+        metrics::gauge!(m::NODE_RTT_SECONDS, "node" => id.clone(), "region" => region.clone())
+            .set(rtt.as_secs_f64());
+    }
+    if let Some(expiry) = new.health.cert_expiry
+        && let Ok(since_epoch) = expiry.duration_since(UNIX_EPOCH)
+    {
+        metrics::gauge!(m::UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS, "node" => id.clone())
+            .set(since_epoch.as_secs_f64());
+    }
+    if old.health.status == new.health.status {
+        return;
+    }
+    let rtt_ms = new.health.rtt.map(|r| r.as_secs_f64() * 1000.0);
+    match new.health.status {
+        Status::Up => tracing::info!(node = %id, %region, rtt_ms, "node up"),
+        Status::Down => tracing::warn!(
+            node = %id,
+            %region,
+            reason = new.health.last_error.as_deref().unwrap_or("unknown"),
+            "node down"
+        ),
+        Status::Unknown => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn router(regions: &[&str], region: Option<&str>) -> Router {
+        let nodes: Vec<NodeConfig> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| NodeConfig {
+                id: NodeId::new("localhost", 5000 + i as u16),
+                host: "localhost".into(),
+                port: 5000 + i as u16,
+                region: (*r).into(),
+                addr: None,
+            })
+            .collect();
+        let health = HealthConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            unhealthy_after: 2,
+            healthy_after: 1,
+            http_port: None,
+        };
+        Router::new(
+            &nodes,
+            &RoutingConfig {
+                region: region.map(Into::into),
+            },
+            &health,
+        )
+    }
+
+    fn probe_ok(ms: u64) -> Observation {
+        Observation::ProbeOk {
+            rtt: Duration::from_millis(ms),
+            cert_expiry: None,
+        }
+    }
+
+    fn ports(nodes: &[Arc<Node>]) -> Vec<u16> {
+        nodes.iter().map(|n| n.config.port).collect()
+    }
+
+    #[tokio::test]
+    async fn first_round_completes_when_every_node_has_a_result() {
+        let r = router(&["a", "b"], None);
+        let nodes = r.nodes();
+        assert!(!r.first_round_is_done());
+        assert!(!r.any_up());
+        r.observe(nodes[0].id(), &probe_ok(5));
+        assert!(!r.first_round_is_done());
+        assert!(r.any_up());
+        r.observe(
+            nodes[1].id(),
+            &Observation::Failed {
+                reason: "refused".into(),
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(1), r.first_round_done())
+            .await
+            .expect("first round is done");
+    }
+
+    #[test]
+    fn routes_to_the_nearest_region_and_fails_over_past_down_nodes() {
+        let r = router(&["far", "near", "mid"], None);
+        assert_eq!(
+            ports(&r.candidates()),
+            [5000, 5001, 5002],
+            "config order before probes"
+        );
+        let nodes = r.nodes();
+        for (node, ms) in nodes.iter().zip([60, 2, 20]) {
+            r.observe(node.id(), &probe_ok(ms));
+        }
+        assert_eq!(r.nearest_region().as_deref(), Some("near"));
+        assert_eq!(ports(&r.candidates()), [5001, 5002, 5000]);
+        for _ in 0..2 {
+            r.dial_failed(&nodes[1], "refused");
+        }
+        assert_eq!(r.nearest_region().as_deref(), Some("mid"));
+        assert_eq!(ports(&r.candidates()), [5002, 5000, 5001], "down node last");
+    }
+
+    #[test]
+    fn spreads_sessions_over_a_region_by_load() {
+        let r = router(&["a", "a", "b"], Some("a"));
+        let mut guards = Vec::new();
+        for _ in 0..20 {
+            let best = r.candidates().remove(0);
+            guards.push(r.session_started(&best));
+        }
+        let nodes = r.nodes();
+        assert_eq!(nodes[0].active_sessions(), 10);
+        assert_eq!(nodes[1].active_sessions(), 10);
+        assert_eq!(nodes[2].active_sessions(), 0);
+        drop(guards);
+        assert_eq!(nodes[0].active_sessions(), 0);
+        let dial = r.dial_started(&nodes[1]);
+        assert_eq!(
+            r.candidates()[0].config.port,
+            5000,
+            "dials in flight count as load"
+        );
+        drop(dial);
     }
 }

