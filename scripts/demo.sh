@@ -36,7 +36,6 @@ done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 REGIONS=(us-east1 europe-west1 asia-southeast1)
-LOCAL_REGION="us-east1"
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() {
@@ -79,6 +78,7 @@ fi
 WORK=""
 SQLGATE_PID=""
 STARTED_NODES=()
+RELAY_PIDS=()
 
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
@@ -95,6 +95,10 @@ cleanup() {
 		kill -KILL "$SQLGATE_PID" 2>/dev/null
 		wait "$SQLGATE_PID" 2>/dev/null
 	fi
+	for pid in "${RELAY_PIDS[@]}"; do
+		kill "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
 	for dir in "${STARTED_NODES[@]}"; do
 		log "stopping PostgreSQL node $(basename "$dir")"
 		as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop >/dev/null 2>&1
@@ -147,8 +151,12 @@ PY
 }
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-read -r -a NODE_PORTS <<<"$(free_ports 4)"
+read -r -a NODE_PORTS <<<"$(free_ports 6)"
 METRICS_PORT="${NODE_PORTS[3]}"
+# The far regions are reached through a relay that adds one-way delay (user space;
+# tc netem is not available), so that sqlgate's RTT probes see three distances.
+RELAY_PORTS=("" "${NODE_PORTS[4]}" "${NODE_PORTS[5]}")
+DELAYS_MS=(0 20 60)
 if port_in_use 26257; then
 	LISTEN_PORT="$(free_ports 1)"
 	log "127.0.0.1:26257 is busy; sqlgate will listen on 127.0.0.1:$LISTEN_PORT"
@@ -252,7 +260,8 @@ sslmode = "verify-full"
 connect_timeout = "5s"
 
 [routing]
-region = "$LOCAL_REGION"
+# No region set: sqlgate picks the region with the lowest measured RTT
+# (us-east1 here; the other two sit behind relays adding 20 ms and 60 ms each way).
 
 [health]
 interval = "1s"
@@ -277,8 +286,24 @@ host = "localhost"
 port = ${NODE_PORTS[$((i - 1))]}
 region = "${REGIONS[$((i - 1))]}"
 EOF
+		if [[ -n "${RELAY_PORTS[$((i - 1))]}" ]]; then
+			echo "addr = \"127.0.0.1:${RELAY_PORTS[$((i - 1))]}\"   # via a relay adding ${DELAYS_MS[$((i - 1))]} ms each way"
+		fi
 	done
 } >"$CONFIG"
+
+for i in 2 3; do
+	log "relay 127.0.0.1:${RELAY_PORTS[$((i - 1))]} -> node$i adds ${DELAYS_MS[$((i - 1))]} ms each way (region ${REGIONS[$((i - 1))]})"
+	python3 "$ROOT/scripts/latency_relay.py" "${RELAY_PORTS[$((i - 1))]}" "${NODE_PORTS[$((i - 1))]}" "${DELAYS_MS[$((i - 1))]}" &
+	RELAY_PIDS+=($!)
+done
+for port in "${RELAY_PORTS[@]:1}"; do
+	for _ in $(seq 50); do
+		port_in_use "$port" && break
+		sleep 0.1
+	done
+	port_in_use "$port" || die "latency relay on port $port did not start"
+done
 
 log "sqlgate check -c $CONFIG"
 "$SQLGATE_BIN" check -c "$CONFIG" || die "sqlgate check rejected the demo config (exit $?)"
@@ -312,6 +337,14 @@ region_of_port() {
 	echo "unknown"
 }
 
+# Wait for the first health round (READY), then show what the probes measured.
+for _ in $(seq 100); do
+	grep -q ' ready' "$WORK/sqlgate.log" 2>/dev/null && break
+	sleep 0.1
+done
+log "sqlgate nodes -c $CONFIG"
+"$SQLGATE_BIN" nodes -c "$CONFIG" | sed 's/^/    /' >&2 || die "sqlgate nodes found no reachable node"
+
 if [[ $CHECK -eq 1 ]]; then
 	log "running: $PSQL_CMD"
 	out="$(PGPASSWORD=demo PGCONNECT_TIMEOUT=15 timeout 60 \
@@ -322,15 +355,20 @@ if [[ $CHECK -eq 1 ]]; then
 	read -r ssl version port <<<"$out"
 	[[ "$ssl" == "t" ]] || die "expected ssl = t on the server side, got: $out"
 	log "OK: the session reached node on port $port (region $(region_of_port "$port")) over $version; ssl = t"
+	[[ "$port" == "${NODE_PORTS[0]}" ]] ||
+		die "expected the nearest node (${REGIONS[0]}, port ${NODE_PORTS[0]}), got port $port"
 	exit 0
 fi
 
 cat <<EOF
 
 sqlgate is listening on 127.0.0.1:$LISTEN_PORT in front of three TLS-only PostgreSQL nodes:
-  node1  localhost:${NODE_PORTS[0]}  region ${REGIONS[0]}   (this host's region)
-  node2  localhost:${NODE_PORTS[1]}  region ${REGIONS[1]}
-  node3  localhost:${NODE_PORTS[2]}  region ${REGIONS[2]}
+  node1  localhost:${NODE_PORTS[0]}  region ${REGIONS[0]}   (direct: the nearest)
+  node2  localhost:${NODE_PORTS[1]}  region ${REGIONS[1]}   (via a relay adding ${DELAYS_MS[1]} ms each way)
+  node3  localhost:${NODE_PORTS[2]}  region ${REGIONS[2]}   (via a relay adding ${DELAYS_MS[2]} ms each way)
+
+New sessions go to the nearest healthy region; stop node1 to watch them fail over:
+  runuser -u postgres -- $PG_BIN/pg_ctl -D $WORK/node1/data stop
 
 Connect in plaintext to sqlgate; it talks verified TLS + SCRAM to the node:
 

@@ -229,7 +229,8 @@ async fn request_tls(tcp: &mut TcpStream) -> Result<(), UpstreamError> {
     }
 }
 
-fn classify_handshake_error(e: io::Error) -> UpstreamError {
+/// Maps a failed TLS handshake to the error kind it is (verification, refusal, reset).
+pub fn classify_handshake_error(e: io::Error) -> UpstreamError {
     let inner = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())

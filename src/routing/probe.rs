@@ -166,7 +166,7 @@ async fn readiness_status(
     let stream = TlsConnector::from(Arc::clone(&readiness.tls))
         .connect(name, tcp)
         .await
-        .map_err(|e| fail(classify_handshake_error(e)))?;
+        .map_err(|e| fail(crate::upstream::classify_handshake_error(e)))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ProbeError::Http { port, source })?;
@@ -190,18 +190,6 @@ async fn readiness_status(
         .await
         .map_err(|source| ProbeError::Http { port, source })?;
     Ok(response.status().as_u16())
-}
-
-fn classify_handshake_error(e: io::Error) -> UpstreamError {
-    let inner = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .cloned();
-    match inner {
-        Some(err @ rustls::Error::InvalidCertificate(_)) => UpstreamError::TlsVerify(err),
-        Some(err) => UpstreamError::TlsHandshake(err),
-        None => UpstreamError::Reset(e),
-    }
 }
 
 /// What went wrong and what to check, in one line.
