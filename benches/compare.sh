@@ -306,7 +306,10 @@ printf 'SELECT 1;\n\\sleep 600 s\n' >"$WORK/idle.sql"
 server_sessions() { su_psql -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE 'bench%'"; }
 for route in "${PROXIES[@]}"; do
     pid=$(proxy_pid "$route")
-    # PgBouncer keeps pooled server connections from earlier checks: count from here.
+    # Start from zero: PgBouncer's pooled server connections close after
+    # server_idle_timeout.
+    deadline=$((SECONDS + 30))
+    until [[ $(server_sessions) -le 0 || $SECONDS -ge $deadline ]]; do sleep 0.5; done
     base=$(server_sessions)
     before=$(rss_kib "$pid")
     pgbench -n -c "$IDLE" -j 2 -t 1 -f "$WORK/idle.sql" "$(conninfo "$route" md5)" >"$WORK/idle.$route.log" 2>&1 &

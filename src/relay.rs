@@ -309,8 +309,14 @@ mod tests {
                 got
             }
         );
-        assert!(client_got == response, "the client gets the upstream's bytes");
-        assert!(upstream_got == request, "the upstream gets the client's bytes");
+        assert!(
+            client_got == response,
+            "the client gets the upstream's bytes"
+        );
+        assert!(
+            upstream_got == request,
+            "the upstream gets the client's bytes"
+        );
         let moved = relay.await.expect("join").expect("relay");
         assert_eq!(
             moved,

@@ -99,7 +99,7 @@ async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
             if i % 1_000 == 999 {
                 let took = served(&gate).await;
                 assert!(
-                    took < Duration::from_secs(3),
+                    took < Duration::from_secs(10),
                     "served in {took:?} with {i} held"
                 );
             }
@@ -112,7 +112,7 @@ async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
             fds_held >= fds_before + HELD - 50,
             "the held clients are accepted: {fds_before} -> {fds_held}"
         );
-        assert!(took < Duration::from_secs(3), "served in {took:?}");
+        assert!(took < Duration::from_secs(10), "served in {took:?}");
 
         drop(held);
         let fds_after = settle_fds(&gate, fds_before + 5, Duration::from_secs(20)).await;
@@ -199,7 +199,10 @@ async fn serves_a_normal_client_through_a_flood_of_10000_short_connections() {
          daemon fds {fds_before} -> {fds_after}; RSS KiB {rss_before} -> {rss_peak} -> {rss_after}"
     );
     assert!(rounds >= 1, "the normal client ran during the flood");
-    assert!(worst < Duration::from_secs(3), "worst round trip {worst:?}");
+    assert!(
+        worst < Duration::from_secs(10),
+        "worst round trip {worst:?}"
+    );
     assert!(
         fds_after <= fds_before + 5,
         "no fd leak: {fds_before} before, {fds_after} after"
