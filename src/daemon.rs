@@ -178,8 +178,9 @@ impl Daemon {
             live: Arc::clone(&live),
             listeners: listeners.iter().map(|(_, l)| Arc::clone(l)).collect(),
             serving: AtomicBool::new(false),
+            prober: std::sync::Mutex::new(None),
         });
-        let prober = Prober::spawn(Arc::clone(&state.router), &initial);
+        state.restart_prober(&initial);
         let tracker = TaskTracker::new();
         let factory_state = Arc::clone(&state);
         let shared = Arc::new(Shared::new(
@@ -251,7 +252,14 @@ impl Daemon {
         for l in loops {
             let _ = l.await;
         }
-        prober.stop().await;
+        let prober = state
+            .prober
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(prober) = prober {
+            prober.stop().await;
+        }
         background.cancel();
         tracing::info!("stopped");
         Ok(())
@@ -340,9 +348,23 @@ struct State {
     listeners: Vec<Arc<ListenerState>>,
     /// Set once the accept loops run.
     serving: AtomicBool,
+    /// Health probes for the node table in force; replaced on reload. The lock is
+    /// only held to swap the value, never across an `.await`.
+    prober: std::sync::Mutex<Option<Prober>>,
 }
 
 impl State {
+    /// Starts probing the nodes of `config` (the old prober, if any, stops).
+    fn restart_prober(&self, config: &Config) {
+        let fresh = Prober::spawn(Arc::clone(&self.router), config);
+        let old = self
+            .prober
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(fresh);
+        drop(old);
+    }
+
     fn session_context(&self, id: u64) -> SessionContext {
         SessionContext {
             id,
@@ -430,9 +452,15 @@ impl State {
             }
         }
         if new.nodes != old.nodes || new.routing.region != old.routing.region {
-            // PLUG(routing): hand the new node table to the router here.
-            tracing::warn!("changes to [[nodes]] and [routing] take effect after a restart");
+            tracing::info!(
+                nodes = new.nodes.len(),
+                "node table and routing updated for new sessions"
+            );
         }
+        self.router
+            .reconfigure(&new.nodes, &new.routing, &new.health);
+        // Probes pick up new nodes, [health] settings and the re-read CA file.
+        self.restart_prober(&new);
         if new.metrics.as_ref().map(|m| m.addr) != old.metrics.as_ref().map(|m| m.addr) {
             tracing::warn!("a changed [metrics] addr takes effect after a restart");
         }

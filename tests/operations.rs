@@ -922,3 +922,62 @@ async fn a_second_sigterm_exits_at_once_without_waiting_for_the_grace() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_puts_a_new_node_table_and_region_in_force_for_new_sessions() {
+    bounded(Duration::from_secs(120), async {
+        let pki = Pki::new("reload-nodes");
+        let first = PgNode::start(NodeTls::On(pki.server_cert())).await;
+        let second = PgNode::start(NodeTls::On(pki.server_cert())).await;
+        let entry = |node: &PgNode, region: &str| NodeEntry {
+            region: region.to_owned(),
+            ..NodeEntry::localhost(node.port())
+        };
+        let gate = Gate::start(&config_text(
+            &pki,
+            vec![entry(&first, "a")],
+            &["127.0.0.1/32"],
+            "",
+        ))
+        .await;
+        let server_port = |client: tokio_postgres::Client| async move {
+            let row = client
+                .query_one("select inet_server_port()", &[])
+                .await
+                .expect("inet_server_port");
+            (client, row.get::<_, i32>(0))
+        };
+        let before = connect_app_from(LOOPBACK_1, gate.addr)
+            .await
+            .expect("session before the reload");
+        let (before, port) = server_port(before).await;
+        assert_eq!(port, i32::from(first.port()), "only node a is configured");
+
+        gate.rewrite_config(&config_text(
+            &pki,
+            vec![entry(&first, "a"), entry(&second, "b")],
+            &["127.0.0.1/32"],
+            "[routing]\nregion = \"b\"\n",
+        ));
+        gate.process.signal("HUP");
+        gate.process
+            .expect_line(Duration::from_secs(10), "config reloaded")
+            .await;
+
+        for _ in 0..3 {
+            let after = connect_app_from(LOOPBACK_1, gate.addr)
+                .await
+                .expect("session after the reload");
+            let (_after, port) = server_port(after).await;
+            assert_eq!(
+                port,
+                i32::from(second.port()),
+                "new sessions go to the new node of the new preferred region"
+            );
+        }
+        select_one(&before)
+            .await
+            .expect("the session on the old node keeps working");
+    })
+    .await;
+}

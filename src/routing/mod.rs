@@ -195,10 +195,25 @@ impl NodeTable {
 #[derive(Debug)]
 pub struct Router {
     table: ArcSwap<NodeTable>,
-    routing: RoutingConfig,
-    thresholds: Thresholds,
+    settings: ArcSwap<Settings>,
     /// `true` once every node has a first result.
     first_round: watch::Sender<bool>,
+}
+
+/// The parts of the config that steer selection, swapped on reload.
+#[derive(Debug)]
+struct Settings {
+    region: Option<Arc<str>>,
+    thresholds: Thresholds,
+}
+
+impl Settings {
+    fn new(routing: &RoutingConfig, health: &HealthConfig) -> Self {
+        Settings {
+            region: routing.region.as_deref().map(Arc::from),
+            thresholds: Thresholds::from_config(health),
+        }
+    }
 }
 
 impl Router {
@@ -216,8 +231,7 @@ impl Router {
         let (first_round, _) = watch::channel(table.all_known());
         Self {
             table: ArcSwap::from_pointee(table),
-            routing: routing.clone(),
-            thresholds: Thresholds::from_config(health),
+            settings: ArcSwap::from_pointee(Settings::new(routing, health)),
             first_round,
         }
     }
@@ -228,7 +242,8 @@ impl Router {
         let table = self.table.load();
         let candidates = table.candidates(rand::random::<u64>);
         let nearest = table.nearest_region.as_deref();
-        select::order(&candidates, self.preferred_region(), nearest)
+        let settings = self.settings.load();
+        select::order(&candidates, settings.region.as_deref(), nearest)
             .into_iter()
             .map(|i| Arc::clone(&table.nodes[i].node))
             .collect()
@@ -268,8 +283,46 @@ impl Router {
     }
 
     /// `routing.region`, when set.
-    pub fn preferred_region(&self) -> Option<&str> {
-        self.routing.region.as_deref()
+    pub fn preferred_region(&self) -> Option<Arc<str>> {
+        self.settings.load().region.clone()
+    }
+
+    /// Puts a reloaded `[[nodes]]`, `[routing]` and `[health]` in force for new
+    /// sessions. A node whose config is unchanged keeps its health and session
+    /// counts; a new or changed node starts unknown (tried like a healthy one
+    /// until probed); a removed node gets no new sessions, and the sessions it
+    /// carries run on.
+    pub fn reconfigure(
+        &self,
+        nodes: &[NodeConfig],
+        routing: &RoutingConfig,
+        health: &HealthConfig,
+    ) {
+        self.settings
+            .store(Arc::new(Settings::new(routing, health)));
+        self.table.rcu(|table| {
+            let mut next = NodeTable {
+                nodes: nodes
+                    .iter()
+                    .map(|config| {
+                        table
+                            .nodes
+                            .iter()
+                            .find(|s| s.node.config == *config)
+                            .cloned()
+                            .unwrap_or_else(|| NodeState {
+                                node: Arc::new(Node::new(config.clone())),
+                                health: NodeHealth::default(),
+                            })
+                    })
+                    .collect(),
+                nearest_region: None,
+            };
+            next.nearest_region =
+                select::nearest_region(&next.candidates(|| 0), table.nearest_region.as_deref())
+                    .map(Arc::from);
+            next
+        });
     }
 
     /// The region new sessions go to first when `routing.region` is unset
@@ -305,7 +358,7 @@ impl Router {
     /// Records a probe or dial result for node `id`: updates its health, the
     /// nearest region, the node metrics, and logs state changes.
     pub fn observe(&self, id: &NodeId, observation: &Observation) {
-        let thresholds = self.thresholds;
+        let thresholds = self.settings.load().thresholds;
         let before = self
             .table
             .rcu(|table| table.observe(id, observation, thresholds));
