@@ -98,6 +98,29 @@ impl Drop for Registration {
     }
 }
 
+impl Registration {
+    /// Asks the node to cancel whatever the session's backend is running. Used
+    /// when sqlgate itself cuts a session (allowlist change, end of the drain
+    /// grace): PostgreSQL does not notice a vanished client while a query runs,
+    /// so without this the query would run on unattended.
+    pub async fn cancel_server_query(&self, upstream: &UpstreamConfig) {
+        let target = self.table.lock().get(&self.key).cloned();
+        let Some(target) = target else {
+            return;
+        };
+        let bounded = upstream.connect_timeout.min(Duration::from_secs(2));
+        match tokio::time::timeout(bounded, send(&target, upstream)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(node = %target.node.id, "cancelled the query of a cut session")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %target.node.id, error = %e, "cannot cancel the query of a cut session")
+            }
+            Err(_) => tracing::warn!(node = %target.node.id, "cancel of a cut session timed out"),
+        }
+    }
+}
+
 /// What became of a cancel request (`sqlgate_cancel_requests_total{outcome}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {

@@ -344,11 +344,16 @@ where
         r = startup_relay(ctx, client, &mut upstream, target) => r?,
         () = ctx.kill.cancelled() => return Err(SessionError::Killed),
     };
-    let (moved_startup, _registration) = startup_result;
+    let (moved_startup, registration) = startup_result;
 
     let relayed = tokio::select! {
         r = relay::relay(client, &mut upstream) => r,
-        () = ctx.kill.cancelled() => return Err(SessionError::Killed),
+        () = ctx.kill.cancelled() => {
+            if let Some(registration) = &registration {
+                registration.cancel_server_query(&ctx.config.upstream).await;
+            }
+            return Err(SessionError::Killed);
+        }
     };
     let moved = match relayed {
         Ok(moved) => moved,

@@ -486,6 +486,21 @@ async fn sigterm_cuts_a_query_that_outlasts_the_grace() {
         );
         let status = gate.process.wait_exit(Duration::from_secs(10)).await;
         assert!(status.success(), "exit status {status}");
+        // The cut session's query is cancelled on the server, not left running.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let running = node
+                .admin_sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'")
+                .await;
+            if running.trim() == "0" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cut query still runs on the server: {running}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
 }
