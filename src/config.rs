@@ -75,6 +75,10 @@ impl fmt::Display for Endpoint {
 pub struct ListenerConfig {
     pub endpoint: Endpoint,
     pub allow: Allowlist,
+    /// A default listener (no `[[listen]]` in the file) whose address this host
+    /// may not have: `[::1]` on a host or container without IPv6 is skipped
+    /// with a warning instead of failing the start.
+    pub optional: bool,
 }
 
 /// How strictly the node's certificate is checked. There is no unverified mode.
@@ -476,6 +480,7 @@ fn validate_listeners(
         ]
         .into_iter()
         .map(|ip| ListenerConfig {
+            optional: ip.is_ipv6(),
             endpoint: Endpoint::Tcp(SocketAddr::new(ip, DEFAULT_PORT)),
             allow: Allowlist::loopback(),
         })
@@ -528,7 +533,11 @@ fn validate_listeners(
             Some(nets) => Allowlist::new(nets),
             None => Allowlist::loopback(),
         };
-        out.push(ListenerConfig { endpoint, allow });
+        out.push(ListenerConfig {
+            endpoint,
+            allow,
+            optional: false,
+        });
     }
     Ok(out)
 }

@@ -269,12 +269,19 @@ impl Daemon {
 async fn bind_configured(config: &Config) -> Result<Vec<(Bound, Arc<ListenerState>)>, DaemonError> {
     let mut out = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        let b = listener::bind(l)
-            .await
-            .map_err(|source| DaemonError::Bind {
-                endpoint: l.endpoint.to_string(),
-                source,
-            })?;
+        let b = match listener::bind(l).await {
+            Ok(b) => b,
+            Err(e) if l.optional && address_missing(&e) => {
+                tracing::warn!(listener = %l.endpoint, error = %e, "this host has no such address; not listening there");
+                continue;
+            }
+            Err(source) => {
+                return Err(DaemonError::Bind {
+                    endpoint: l.endpoint.to_string(),
+                    source,
+                });
+            }
+        };
         let name: Arc<str> = match (&l.endpoint, b.local_addr()) {
             (Endpoint::Tcp(_), Some(addr)) => addr.to_string().into(),
             (endpoint, _) => endpoint.to_string().into(),
@@ -290,6 +297,12 @@ async fn bind_configured(config: &Config) -> Result<Vec<(Bound, Arc<ListenerStat
         ));
     }
     Ok(out)
+}
+
+/// The host has no such address, or no IPv6 at all.
+fn address_missing(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable
+        || e.raw_os_error() == Some(rustix::io::Errno::AFNOSUPPORT.raw_os_error())
 }
 
 fn adopt_inherited(

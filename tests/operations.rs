@@ -996,3 +996,43 @@ async fn sighup_puts_a_new_node_table_and_region_in_force_for_new_sessions() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_listeners_skip_ipv6_on_a_host_without_it() {
+    bounded(Duration::from_secs(60), async {
+        let pki = Pki::new("no-ipv6");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("sqlgate.toml");
+        // No [[listen]]: the defaults 127.0.0.1:26257 and [::1]:26257.
+        let config = format!(
+            "[upstream]\nca_file = {:?}\n\n[[nodes]]\nhost = \"localhost\"\nport = {}\nregion = \"x\"\n",
+            pki.ca_file(),
+            refused_port()
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        // A network namespace of its own with loopback up and IPv6 switched off,
+        // as in a container without IPv6.
+        let script = format!(
+            "ip link set lo up && sysctl -qw net.ipv6.conf.lo.disable_ipv6=1 && exec timeout --preserve-status -s TERM 3 {} run -c {}",
+            SQLGATE,
+            config_path.display()
+        );
+        let output = tokio::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", &script])
+            .env("NO_COLOR", "1")
+            .output()
+            .await
+            .expect("run sqlgate in a namespace without IPv6");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("listening listener=127.0.0.1:26257"),
+            "serves on IPv4 loopback:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("not listening there listener=[::1]:26257"),
+            "says why [::1] is skipped:\n{stderr}"
+        );
+        assert!(output.status.success(), "drains and exits 0: {}\n{stderr}", output.status);
+    })
+    .await;
+}
