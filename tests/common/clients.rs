@@ -1,0 +1,183 @@
+//! Real clients: psql and tokio-postgres.
+
+use super::*;
+
+/// libpq connection string for `app`/`app` at `addr` with `sslmode`.
+pub fn app_conninfo(addr: SocketAddr, sslmode: &str) -> String {
+    format!(
+        "host={} port={} user={APP_USER} dbname={APP_DB} sslmode={sslmode} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Connection string for a direct, verify-full connection to `node`.
+pub fn direct_conninfo(node: &PgNode, ca_file: &Path) -> String {
+    format!(
+        "host=localhost port={} user={APP_USER} dbname={APP_DB} sslmode=verify-full \
+         sslrootcert={} connect_timeout=10",
+        node.port(),
+        ca_file.display()
+    )
+}
+
+pub(crate) fn clear_libpq_env(cmd: &mut tokio::process::Command) {
+    for var in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGSSLMODE",
+        "PGSSLROOTCERT",
+        "PGCHANNELBINDING",
+        "PGOPTIONS",
+        "PGCONNECT_TIMEOUT",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+pub(crate) async fn output_within(cmd: &mut tokio::process::Command, timeout: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{cmd:?} did not finish within {timeout:?}"))
+        .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
+}
+
+/// Runs `psql -X -A -t -c SQL` with password `secret`; bounded by 60s.
+pub async fn psql(conninfo: &str, sql: &str) -> Output {
+    let mut cmd = tokio::process::Command::new("psql");
+    clear_libpq_env(&mut cmd);
+    cmd.env("PGPASSWORD", APP_PASSWORD).args([
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        conninfo,
+        "-c",
+        sql,
+    ]);
+    output_within(&mut cmd, Duration::from_secs(60)).await
+}
+
+/// Byte count and SHA-256 of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Runs `psql -c COMMAND` (e.g. `\copy (…) to stdout`) and digests its stdout
+/// with `sha256sum`, counting bytes on the way; bounded by `timeout`.
+pub async fn psql_copy_digest(conninfo: &str, command: &str, timeout: Duration) -> Digest {
+    tokio::time::timeout(timeout, psql_copy_digest_unbounded(conninfo, command))
+        .await
+        .unwrap_or_else(|_| panic!("psql {command:?} via {conninfo:?} took over {timeout:?}"))
+}
+
+pub(crate) async fn psql_copy_digest_unbounded(conninfo: &str, command: &str) -> Digest {
+    let mut psql = tokio::process::Command::new("psql");
+    clear_libpq_env(&mut psql);
+    psql.env("PGPASSWORD", APP_PASSWORD)
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            command,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut psql = psql.spawn().expect("spawn psql");
+    let mut sha = tokio::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sha256sum");
+    let mut from_psql = psql.stdout.take().expect("psql stdout is piped");
+    let mut psql_stderr = psql.stderr.take().expect("psql stderr is piped");
+    let stderr_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = psql_stderr.read_to_end(&mut buf).await;
+        buf
+    });
+    let mut to_sha = sha.stdin.take().expect("sha256sum stdin is piped");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = from_psql.read(&mut buf).await.expect("read psql stdout");
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        to_sha
+            .write_all(&buf[..n])
+            .await
+            .expect("write to sha256sum");
+    }
+    drop(to_sha);
+    let status = psql.wait().await.expect("wait for psql");
+    let stderr = stderr_task.await.expect("stderr reader does not panic");
+    assert!(
+        status.success(),
+        "psql {command:?} via {conninfo:?} failed with {status}: {}",
+        String::from_utf8_lossy(&stderr)
+    );
+    let sum = sha.wait_with_output().await.expect("wait for sha256sum");
+    assert!(sum.status.success(), "sha256sum failed: {}", sum.status);
+    let sha256 = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum prints a digest")
+        .to_owned();
+    Digest { bytes, sha256 }
+}
+
+/// tokio-postgres (NoTls) as `app` with password `secret` at `addr`; the
+/// connection task is spawned. Bounded by 20s.
+pub async fn connect_app(
+    addr: SocketAddr,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let conninfo = format!(
+        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    );
+    let connected = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("tokio-postgres connect finishes within 20s");
+    let (client, connection) = connected?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// `select ssl from pg_stat_ssl where pid = pg_backend_pid()` in the session.
+pub const SESSION_SSL_SQL: &str = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or sqlgate) sent one.
+pub fn sqlstate(error: &tokio_postgres::Error) -> Option<&str> {
+    error.code().map(|c| c.code())
+}

@@ -1,0 +1,121 @@
+//! Test PKI: a CA made with rcgen and server certificates signed by it.
+
+use super::*;
+
+/// When a certificate is valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Validity {
+    /// 2020-01-01 to 2080-01-01.
+    Current,
+    /// 2000-01-01 to 2001-01-01.
+    Expired,
+    /// 2090-01-01 to 2099-01-01.
+    NotYetValid,
+}
+
+/// PEM files of one certificate and its private key.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A test certificate authority, its `ca.crt`, and the certificates it issues,
+/// all in one directory that the `postgres` user can read.
+///
+/// Two `Pki`s are unrelated: use a second one for "wrong CA" cases.
+pub struct Pki {
+    dir: TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+    ca_file: PathBuf,
+}
+
+impl Pki {
+    /// A new CA named `name` (its subject CN is `sqlgate test CA <name>`), written to `ca.crt`.
+    pub fn new(name: &str) -> Pki {
+        let dir = temp_dir("sqlgate-pki-");
+        set_mode(dir.path(), 0o755);
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = common_name(&format!("sqlgate test CA {name}"));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, Validity::Current);
+        let key = KeyPair::generate().expect("generate CA key");
+        let ca = CertifiedIssuer::self_signed(params, key).expect("self-sign CA");
+        let ca_file = dir.path().join("ca.crt");
+        write_file(&ca_file, ca.pem().as_bytes(), 0o644);
+        Pki { dir, ca, ca_file }
+    }
+
+    /// The CA certificate (PEM) to trust.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `server.crt`/`server.key` for `localhost` and `127.0.0.1`, currently valid.
+    pub fn server_cert(&self) -> CertFiles {
+        self.issue("server", &["localhost", "127.0.0.1"], Validity::Current)
+    }
+
+    /// Issues a server certificate with subject alternative names `sans` (IP
+    /// addresses become IP SANs, anything else DNS names), written to
+    /// `<stem>.crt` and `<stem>.key` (mode 0600, owned by `postgres`).
+    pub fn issue(&self, stem: &str, sans: &[&str], validity: Validity) -> CertFiles {
+        assert!(
+            !sans.is_empty(),
+            "a server certificate needs at least one SAN"
+        );
+        let names: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let mut params = CertificateParams::new(names).expect("valid SANs");
+        params.distinguished_name = common_name(sans[0]);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, validity);
+        let key = KeyPair::generate().expect("generate server key");
+        let cert = params
+            .signed_by(&key, &*self.ca)
+            .expect("sign server certificate");
+        let files = CertFiles {
+            cert: self.dir.path().join(format!("{stem}.crt")),
+            key: self.dir.path().join(format!("{stem}.key")),
+        };
+        write_file(&files.cert, cert.pem().as_bytes(), 0o644);
+        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600);
+        // PostgreSQL refuses a key that its own user cannot read or that others can.
+        give_to_postgres(&files.key, 0o600);
+        files
+    }
+}
+
+pub(crate) fn common_name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+pub(crate) fn set_validity(params: &mut CertificateParams, validity: Validity) {
+    let (from, to) = match validity {
+        Validity::Current => ((2020, 1, 1), (2080, 1, 1)),
+        Validity::Expired => ((2000, 1, 1), (2001, 1, 1)),
+        Validity::NotYetValid => ((2090, 1, 1), (2099, 1, 1)),
+    };
+    params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+    params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+}
+
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    set_mode(path, mode);
+}
