@@ -372,10 +372,16 @@ impl Config {
         let u = &self.upstream;
         let _ = writeln!(
             out,
-            "upstream: ca_file={} sslmode={:?} negotiation={:?} connect_timeout={}{}",
+            "upstream: ca_file={} sslmode={} negotiation={} connect_timeout={}{}",
             u.ca_file.display(),
-            u.sslmode,
-            u.negotiation,
+            match u.sslmode {
+                SslMode::VerifyFull => "verify-full",
+                SslMode::VerifyCa => "verify-ca",
+            },
+            match u.negotiation {
+                Negotiation::Postgres => "postgres",
+                Negotiation::Direct => "direct",
+            },
             humantime::format_duration(u.connect_timeout),
             if u.options.is_some() {
                 " options=(set)"

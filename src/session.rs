@@ -247,31 +247,25 @@ where
     let mut reader = StartupReader::new();
     let (mut ssl_seen, mut gss_seen) = (false, false);
     loop {
-        match reader.next_packet(client).await? {
-            FrontendPacket::SslRequest => {
-                if ssl_seen {
-                    return Err(ProtocolError::Repeated("SSLRequest").into());
-                }
-                ssl_seen = true;
-                if reader.has_buffered() {
-                    return Err(SessionError::BytesAfterSslRequest);
-                }
-                client.write_all(b"N").await?;
-            }
-            FrontendPacket::GssEncRequest => {
-                if gss_seen || ssl_seen {
-                    return Err(ProtocolError::Repeated("GSSENCRequest").into());
-                }
-                gss_seen = true;
-                if reader.has_buffered() {
-                    return Err(SessionError::BytesAfterSslRequest);
-                }
-                client.write_all(b"N").await?;
-            }
+        // SSLRequest and GSSENCRequest may each come once, in either order, as
+        // PostgreSQL allows; both are refused and the client goes on in
+        // plaintext to sqlgate.
+        let (seen, what) = match reader.next_packet(client).await? {
+            FrontendPacket::SslRequest => (&mut ssl_seen, "SSLRequest"),
+            FrontendPacket::GssEncRequest => (&mut gss_seen, "GSSENCRequest"),
             FrontendPacket::Cancel(cancel) => return Ok(Request::Cancel(cancel)),
             FrontendPacket::Startup(startup) => {
                 return Ok(Request::Session(startup, reader.into_buffered()));
             }
+        };
+        if std::mem::replace(seen, true) {
+            return Err(ProtocolError::Repeated(what).into());
+        }
+        client.write_all(b"N").await?;
+        // As PostgreSQL does: bytes the client sent before reading the answer are
+        // refused (CVE-2021-23214 class), once the answer is out.
+        if reader.has_buffered() {
+            return Err(SessionError::BytesAfterSslRequest);
         }
     }
 }

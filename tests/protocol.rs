@@ -959,6 +959,18 @@ async fn gssenc_then_ssl_then_startup_in_one_connection_works_and_second_ssl_is_
             other => panic!("expected AuthenticationSASL, got {other:?}"),
         }
 
+        // The other order works too, as PostgreSQL allows it.
+        let mut client = RawClient::connect(gate.addr).await.expect("connect");
+        client.send(&wire::ssl_request()).await.expect("send");
+        assert_eq!(client.read_byte(second).await.expect("answer"), Some(b'N'));
+        client.send(&wire::gssenc_request()).await.expect("send");
+        assert_eq!(client.read_byte(second).await.expect("answer"), Some(b'N'));
+        client.send(&wire::app_startup()).await.expect("send");
+        match client.outcome(Duration::from_secs(20)).await {
+            Outcome::Message(msg) => assert_eq!(msg.tag, b'R', "authentication request"),
+            other => panic!("expected an authentication request, got {other:?}"),
+        }
+
         // A second SSLRequest is a protocol violation.
         let mut client = RawClient::connect(gate.addr).await.expect("connect");
         client.send(&wire::ssl_request()).await.expect("send");
