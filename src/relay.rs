@@ -41,12 +41,29 @@ pub struct Transferred {
 /// down and the relay waits at most [`CLOSE_GRACE`] for the other direction to
 /// end as well.
 ///
-/// Not cancel-safe in the sense of counts: if the future is dropped, the bytes
-/// moved so far are not reported.
-///
 /// # Errors
 /// The first I/O error on either side (reset, broken pipe, TLS error).
 pub async fn relay<C, U>(client: &mut C, upstream: &mut U) -> io::Result<Transferred>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut moved = Transferred::default();
+    relay_counted(client, upstream, &mut moved).await?;
+    Ok(moved)
+}
+
+/// [`relay`], keeping the byte counts in `moved` as it goes, so that they are
+/// known even when the relay fails or its future is dropped (a session cut by
+/// sqlgate).
+///
+/// # Errors
+/// The first I/O error on either side (reset, broken pipe, TLS error).
+pub async fn relay_counted<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    moved: &mut Transferred,
+) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
@@ -56,8 +73,13 @@ where
 
     // Until one direction has ended (EOF read and the peer's write half shut).
     poll_fn(|cx| {
-        let up = to_upstream.poll(cx, &mut *client, &mut *upstream)?;
-        let down = to_client.poll(cx, &mut *upstream, &mut *client)?;
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
+        let down = to_client.poll(cx, &mut *upstream, &mut *client);
+        *moved = Transferred {
+            to_upstream: to_upstream.state.moved,
+            to_client: to_client.state.moved,
+        };
+        let (up, down) = (up?, down?);
         if up.is_ready() || down.is_ready() {
             Poll::Ready(Ok::<(), io::Error>(()))
         } else {
@@ -68,8 +90,13 @@ where
 
     // Then, briefly, for the other one.
     let rest = poll_fn(|cx| {
-        let up = to_upstream.poll(cx, &mut *client, &mut *upstream)?;
-        let down = to_client.poll(cx, &mut *upstream, &mut *client)?;
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
+        let down = to_client.poll(cx, &mut *upstream, &mut *client);
+        *moved = Transferred {
+            to_upstream: to_upstream.state.moved,
+            to_client: to_client.state.moved,
+        };
+        let (up, down) = (up?, down?);
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok::<(), io::Error>(()))
         } else {
@@ -79,10 +106,7 @@ where
     if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, rest).await {
         ended?;
     }
-    Ok(Transferred {
-        to_upstream: to_upstream.state.moved,
-        to_client: to_client.state.moved,
-    })
+    Ok(())
 }
 
 /// What both directions track.

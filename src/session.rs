@@ -207,7 +207,7 @@ where
     span.record("region", node.config.region.as_str());
     let _active = ctx.router.session_started(&node);
     metrics::gauge!(m::SESSIONS_ACTIVE).increment(1.0);
-    let result = proxy(
+    let (moved, result) = proxy(
         &ctx,
         &mut client,
         connection,
@@ -221,12 +221,11 @@ where
     // report
     let duration = started.elapsed();
     metrics::histogram!(m::SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
-    // The one summary line; byte counts of a failed or killed relay are lost
-    // with its future (see relay.rs) and reported as 0.
-    let (moved, outcome, error) = match &result {
-        Ok(moved) => (*moved, "closed", None),
-        Err(SessionError::Killed) => (Transferred::default(), "killed", None),
-        Err(e) => (Transferred::default(), "error", Some(e)),
+    // The one summary line, with the bytes moved however the session ended.
+    let (outcome, error) = match &result {
+        Ok(()) => ("closed", None),
+        Err(SessionError::Killed) => ("killed", None),
+        Err(e) => ("error", Some(e)),
     };
     tracing::info!(
         duration_ms = duration.as_millis() as u64,
@@ -313,7 +312,7 @@ async fn proxy<S>(
     node: &Arc<Node>,
     mut startup: StartupMessage,
     client_leftover: BytesMut,
-) -> Result<Transferred, SessionError>
+) -> (Transferred, Result<(), SessionError>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -325,9 +324,14 @@ where
     if let Some(options) = &ctx.config.upstream.options {
         startup.append_options(options);
     }
-    upstream.write_all(&startup.encode()).await?;
-    upstream.write_all(&client_leftover).await?;
-    upstream.flush().await?;
+    let sent = async {
+        upstream.write_all(&startup.encode()).await?;
+        upstream.write_all(&client_leftover).await?;
+        upstream.flush().await
+    };
+    if let Err(e) = sent.await {
+        return (Transferred::default(), Err(e.into()));
+    }
 
     let target = |server_key| CancelTarget {
         node: node.config.clone(),
@@ -335,34 +339,40 @@ where
         server_key,
     };
     let startup_result = tokio::select! {
-        r = startup_relay(ctx, client, &mut upstream, target) => r?,
-        () = ctx.kill.cancelled() => return Err(SessionError::Killed),
+        r = startup_relay(ctx, client, &mut upstream, target) => r,
+        () = ctx.kill.cancelled() => Err(SessionError::Killed),
     };
-    let (moved_startup, registration) = startup_result;
+    let (in_startup, registration) = match startup_result {
+        Ok(done) => done,
+        Err(e) => return (Transferred::default(), Err(e)),
+    };
 
-    let relayed = tokio::select! {
-        r = relay::relay(client, &mut upstream) => r,
-        () = ctx.kill.cancelled() => {
+    let mut relayed = Transferred::default();
+    let ended = tokio::select! {
+        r = relay::relay_counted(client, &mut upstream, &mut relayed) => Some(r),
+        () = ctx.kill.cancelled() => None,
+    };
+    let result = match ended {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => {
+            // A reset or broken pipe mid-session: the session is over either way.
+            tracing::debug!(error = %e, "relay ended with an error");
+            Ok(())
+        }
+        None => {
             if let Some(registration) = &registration {
                 registration.cancel_server_query(&ctx.config.upstream).await;
             }
-            return Err(SessionError::Killed);
-        }
-    };
-    let moved = match relayed {
-        Ok(moved) => moved,
-        Err(e) => {
-            tracing::debug!(error = %e, "relay ended with an error");
-            Transferred::default()
+            Err(SessionError::Killed)
         }
     };
     let total = Transferred {
-        to_upstream: moved.to_upstream + moved_startup.to_upstream,
-        to_client: moved.to_client + moved_startup.to_client,
+        to_upstream: relayed.to_upstream + in_startup.to_upstream,
+        to_client: relayed.to_client + in_startup.to_client,
     };
     metrics::counter!(m::BYTES_TOTAL, "direction" => "to_upstream").increment(total.to_upstream);
     metrics::counter!(m::BYTES_TOTAL, "direction" => "to_client").increment(total.to_client);
-    Ok(total)
+    (total, result)
 }
 
 /// Relays the server's startup messages to the client until ReadyForQuery,

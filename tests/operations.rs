@@ -369,6 +369,14 @@ async fn sighup_that_drops_an_address_ends_its_live_session_and_keeps_the_others
             .expect_line(Duration::from_secs(5), "outcome=\"killed\"")
             .await;
         assert!(ended.contains("client.addr=127.0.0.2"), "{ended}");
+        // The bytes of the cut session are counted, not lost with the relay.
+        let to_client: u64 = ended
+            .split("bytes.to_client=")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|digits| digits.parse().ok())
+            .unwrap_or_else(|| panic!("no bytes.to_client in {ended}"));
+        assert!(to_client > 0, "the killed session moved bytes: {ended}");
     })
     .await;
 }
