@@ -11,13 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
+
+mod raw;
 
 use crate::allowlist::Allowlist;
 use crate::routing::NodeId;
 use crate::tls::{self, TlsFiles};
+use raw::{RawConfig, RawListen};
 
 /// Default listen port, as CockroachDB's.
 pub const DEFAULT_PORT: u16 = 26257;
@@ -560,105 +562,6 @@ fn line_of(text: &str, at: usize) -> usize {
         .filter(|&&b| b == b'\n')
         .count()
         + 1
-}
-
-/// A humantime duration string such as `"5s"` or `"1m 30s"`.
-#[derive(Debug, Clone, Copy)]
-struct HumanDuration(Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    listen: Vec<Spanned<RawListen>>,
-    upstream: RawUpstream,
-    #[serde(default)]
-    routing: RawRouting,
-    #[serde(default)]
-    nodes: Vec<Spanned<RawNode>>,
-    #[serde(default)]
-    health: RawHealth,
-    #[serde(default)]
-    limits: RawLimits,
-    metrics: Option<RawMetrics>,
-    #[serde(default)]
-    log: RawLog,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListen {
-    addr: Option<SocketAddr>,
-    path: Option<PathBuf>,
-    mode: Option<String>,
-    allow: Option<Vec<IpNet>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    ca_file: Spanned<PathBuf>,
-    client_cert_file: Option<Spanned<PathBuf>>,
-    client_key_file: Option<Spanned<PathBuf>>,
-    sslmode: Option<SslMode>,
-    negotiation: Option<Negotiation>,
-    connect_timeout: Option<HumanDuration>,
-    options: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRouting {
-    region: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNode {
-    host: String,
-    port: Option<u16>,
-    region: String,
-    addr: Option<SocketAddr>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    interval: Option<HumanDuration>,
-    timeout: Option<HumanDuration>,
-    unhealthy_after: Option<u32>,
-    healthy_after: Option<u32>,
-    http_port: Option<u16>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_connections: Option<usize>,
-    startup_timeout: Option<HumanDuration>,
-    shutdown_grace: Option<HumanDuration>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    addr: Option<SocketAddr>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    format: Option<LogFormat>,
-    level: Option<String>,
 }
 
 #[cfg(test)]
