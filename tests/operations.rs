@@ -1021,7 +1021,7 @@ async fn default_listeners_skip_ipv6_on_a_host_without_it() {
         // A network namespace of its own with loopback up and IPv6 switched off,
         // as in a container without IPv6.
         let script = format!(
-            "ip link set lo up && sysctl -qw net.ipv6.conf.lo.disable_ipv6=1 && exec timeout --preserve-status -s TERM 3 {} run -c {}",
+            "ip link set lo up && sysctl -qw net.ipv6.conf.lo.disable_ipv6=1 && exec timeout --foreground --preserve-status -s TERM 3 {} run -c {}",
             SQLGATE,
             config_path.display()
         );
