@@ -162,6 +162,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = Instant::now();
+    // The later steps are boxed: their futures (TLS state, cancel forwarding) are
+    // allocated when a session gets there, not for every connection accepted, so
+    // thousands of clients held at the startup stage cost little.
+
     // admit: decided before a byte is read; a denied client's packet is read only
     // to answer it.
     let admitted = match (&ctx.allow, peer) {
@@ -186,7 +190,7 @@ where
             }
         };
     let (startup, client_leftover) = match request {
-        Request::Cancel(cancel) => return handle_cancel(&ctx, &cancel, admitted).await,
+        Request::Cancel(cancel) => return Box::pin(handle_cancel(&ctx, &cancel, admitted)).await,
         Request::Session(..) if !admitted => {
             return reject(&ctx, &mut client, SessionError::Denied).await;
         }
@@ -198,7 +202,7 @@ where
     m::client_connection(&ctx.listener, ConnectionOutcome::Accepted);
 
     // select + connect
-    let (node, connection) = match connect_nearest(&ctx).await {
+    let (node, connection) = match Box::pin(connect_nearest(&ctx)).await {
         Ok(found) => found,
         Err(e) => return reject(&ctx, &mut client, e).await,
     };
@@ -207,14 +211,14 @@ where
     span.record("region", node.config.region.as_str());
     let _active = ctx.router.session_started(&node);
     metrics::gauge!(m::SESSIONS_ACTIVE).increment(1.0);
-    let (moved, result) = proxy(
+    let (moved, result) = Box::pin(proxy(
         &ctx,
         &mut client,
         connection,
         &node,
         startup,
         client_leftover,
-    )
+    ))
     .await;
     metrics::gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
 
