@@ -70,38 +70,29 @@ where
 {
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
-
-    // Until one direction has ended (EOF read and the peer's write half shut).
-    poll_fn(|cx| {
+    // Polls both directions once, records the counts, and says which have ended.
+    let mut step = |cx: &mut Context<'_>| -> io::Result<(bool, bool)> {
         let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
         let down = to_client.poll(cx, &mut *upstream, &mut *client);
         *moved = Transferred {
             to_upstream: to_upstream.state.moved,
             to_client: to_client.state.moved,
         };
-        let (up, down) = (up?, down?);
-        if up.is_ready() || down.is_ready() {
-            Poll::Ready(Ok::<(), io::Error>(()))
-        } else {
-            Poll::Pending
-        }
+        Ok((up?.is_ready(), down?.is_ready()))
+    };
+
+    // Until one direction has ended (EOF read and the peer's write half shut).
+    poll_fn(|cx| match step(cx) {
+        Ok((false, false)) => Poll::Pending,
+        other => Poll::Ready(other.map(drop)),
     })
     .await?;
 
     // Then, briefly, for the other one.
-    let rest = poll_fn(|cx| {
-        let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
-        let down = to_client.poll(cx, &mut *upstream, &mut *client);
-        *moved = Transferred {
-            to_upstream: to_upstream.state.moved,
-            to_client: to_client.state.moved,
-        };
-        let (up, down) = (up?, down?);
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok::<(), io::Error>(()))
-        } else {
-            Poll::Pending
-        }
+    let rest = poll_fn(|cx| match step(cx) {
+        Ok((true, true)) => Poll::Ready(Ok(())),
+        Ok(_) => Poll::Pending,
+        Err(e) => Poll::Ready(Err(e)),
     });
     if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, rest).await {
         ended?;

@@ -282,11 +282,6 @@ impl Router {
         }
     }
 
-    /// `routing.region`, when set.
-    pub fn preferred_region(&self) -> Option<Arc<str>> {
-        self.settings.load().region.clone()
-    }
-
     /// Puts a reloaded `[[nodes]]`, `[routing]` and `[health]` in force for new
     /// sessions. A node whose config is unchanged keeps its health and session
     /// counts; a new or changed node starts unknown (tried like a healthy one
