@@ -21,6 +21,7 @@ use crate::metrics::{self as m, Exporter, MetricsError, NotReady, Readiness, Rel
 use crate::routing::{Prober, Router};
 use crate::session::SessionContext;
 use crate::systemd::{self, Inherited};
+use crate::workers::Workers;
 
 /// How long sessions cut at the end of the grace period get to close.
 const HARD_STOP_WAIT: Duration = Duration::from_secs(2);
@@ -36,6 +37,8 @@ pub enum DaemonError {
     Adopt(std::io::Error),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("cannot start the session workers: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Why a reload requested through [`Reloader::reload`] did not apply.
@@ -181,6 +184,9 @@ impl Daemon {
             prober: std::sync::Mutex::new(None),
         });
         state.restart_prober(&initial);
+        let workers =
+            Arc::new(Workers::start(initial.limits.workers).map_err(DaemonError::Workers)?);
+        tracing::debug!(workers = workers.len(), "session workers started");
         let tracker = TaskTracker::new();
         let factory_state = Arc::clone(&state);
         let shared = Arc::new(Shared::new(
@@ -189,6 +195,7 @@ impl Daemon {
             live,
             state.draining.clone(),
             tracker.clone(),
+            Arc::clone(&workers),
         ));
         let stop_accepting = CancellationToken::new();
         let mut loops = Vec::new();
@@ -251,6 +258,11 @@ impl Daemon {
         stop_accepting.cancel();
         for l in loops {
             let _ = l.await;
+        }
+        drop(shared);
+        // Joining the worker threads blocks (briefly: their sessions are gone).
+        if let Some(workers) = Arc::into_inner(workers) {
+            let _ = tokio::task::spawn_blocking(move || drop(workers)).await;
         }
         let prober = state
             .prober
@@ -479,6 +491,9 @@ impl State {
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {
             tracing::warn!("changes to [log] take effect after a restart");
+        }
+        if new.limits.workers != old.limits.workers {
+            tracing::warn!("a changed limits.workers takes effect after a restart");
         }
         self.limit.set_max(new.limits.max_connections);
         self.config.store(Arc::new(new));

@@ -31,6 +31,7 @@
 //! - [`daemon`]: binds listeners, owns shared state, reloads, drains on shutdown.
 //! - [`shutdown`]: signals → drain (SIGTERM/SIGINT) and reload (SIGHUP).
 //! - [`systemd`]: sd_notify, watchdog, socket activation; no-ops without systemd.
+//! - [`workers`]: the session worker threads, one single-threaded runtime each.
 
 #![forbid(unsafe_code)]
 
@@ -52,6 +53,7 @@ pub mod shutdown;
 pub mod systemd;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 pub use config::{Config, ConfigError};
 pub use daemon::{Daemon, DaemonError, ReloadError, Reloader};

@@ -27,6 +27,7 @@ use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupReader};
 use crate::session::{self, SessionContext};
 use crate::systemd::{Inherited, InheritedSocket};
+use crate::workers::Workers;
 
 /// Rejections (over the limit) being answered at once; beyond this, excess
 /// connections are closed without an answer so a flood cannot grow tasks.
@@ -307,6 +308,8 @@ pub struct Shared {
     /// Cancelled when the daemon starts draining.
     pub draining: CancellationToken,
     pub next_id: AtomicU64,
+    /// Where admitted sessions run.
+    pub workers: Arc<Workers>,
 }
 
 impl Shared {
@@ -316,6 +319,7 @@ impl Shared {
         live: Arc<LiveSessions>,
         draining: CancellationToken,
         tracker: TaskTracker,
+        workers: Arc<Workers>,
     ) -> Self {
         Self {
             context,
@@ -325,6 +329,7 @@ impl Shared {
             live,
             draining,
             next_id: AtomicU64::new(1),
+            workers,
         }
     }
 }
@@ -365,18 +370,35 @@ pub async fn accept_loop(
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for T {}
 
-async fn accept(bound: &Bound) -> io::Result<(Box<dyn ClientStream>, Option<SocketAddr>)> {
+/// An accepted client socket, detached from the accepting runtime so that the
+/// session's worker can own it.
+enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    /// Registers the socket with the runtime this runs on.
+    fn register(self) -> io::Result<Box<dyn ClientStream>> {
+        Ok(match self {
+            Accepted::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
+            Accepted::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+        })
+    }
+}
+
+async fn accept(bound: &Bound) -> io::Result<(Accepted, Option<SocketAddr>)> {
     match bound {
         Bound::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY on client socket");
             }
-            Ok((Box::new(stream), Some(peer)))
+            Ok((Accepted::Tcp(stream.into_std()?), Some(peer)))
         }
         Bound::Unix(l) => {
             let (stream, _) = l.accept().await?;
-            Ok((Box::new(stream), None))
+            Ok((Accepted::Unix(stream.into_std()?), None))
         }
     }
 }
@@ -384,7 +406,7 @@ async fn accept(bound: &Bound) -> io::Result<(Box<dyn ClientStream>, Option<Sock
 fn spawn_session(
     shared: &Arc<Shared>,
     listener: &Arc<ListenerState>,
-    stream: Box<dyn ClientStream>,
+    stream: Accepted,
     peer: Option<SocketAddr>,
 ) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -402,11 +424,18 @@ fn spawn_session(
             // here or finds this session in the live table.
             ctx.listener = Arc::clone(name);
             ctx.allow = listener.allow();
-            shared.tracker.spawn(async move {
-                session::serve(ctx, stream, peer).await;
+            let (worker, share) = shared.workers.assign();
+            worker.spawn(shared.tracker.track_future(async move {
+                match stream.register() {
+                    Ok(stream) => session::serve(ctx, stream, peer).await,
+                    Err(e) => {
+                        tracing::warn!(session.id = id, error = %e, "cannot register the client socket with a worker");
+                    }
+                }
                 drop(live);
+                drop(share);
                 drop(permit);
-            });
+            }));
         }
         None => {
             let refusal = if shared.draining.is_cancelled() {
@@ -421,7 +450,9 @@ fn spawn_session(
             };
             tracing::warn!(listener = %name, client.addr = ?peer, outcome = refusal.outcome().as_str(), "over max_connections; refusing client");
             shared.tracker.spawn(async move {
-                refuse(stream, refusal).await;
+                if let Ok(stream) = stream.register() {
+                    refuse(stream, refusal).await;
+                }
                 drop(slot);
             });
         }

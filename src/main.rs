@@ -86,7 +86,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     sqlgate::limits::raise_nofile_limit_logged();
     // Before any thread exists: this edits the environment (LISTEN_FDS, LISTEN_PID).
     let inherited = sqlgate::systemd::take_inherited_listeners()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: accept loops, probes, reloads, metrics. Sessions
+    // run on the worker threads (see sqlgate::workers).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

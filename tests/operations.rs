@@ -1044,3 +1044,49 @@ async fn default_listeners_skip_ipv6_on_a_host_without_it() {
     })
     .await;
 }
+
+/// The names of the daemon's threads (`/proc/PID/task/*/comm`).
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_run_on_the_configured_number_of_worker_threads() {
+    bounded(Duration::from_secs(120), async {
+        let pki = Pki::new("workers");
+        let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
+        let gate = Gate::start(&config_text(
+            &pki,
+            vec![NodeEntry::localhost(node.port())],
+            &["127.0.0.0/8"],
+            "\n[limits]\nworkers = 3\n",
+        ))
+        .await;
+        let mut clients = Vec::new();
+        for i in 0..6 {
+            let client = connect_app(gate.addr)
+                .await
+                .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
+            clients.push(client);
+        }
+        for c in &clients {
+            select_one(c).await.expect("every worker serves its sessions");
+        }
+        let workers: Vec<String> = thread_names(gate.process.pid())
+            .into_iter()
+            .filter(|n| n.starts_with("sqlgate-w"))
+            .collect();
+        assert_eq!(
+            workers,
+            vec!["sqlgate-w0", "sqlgate-w1", "sqlgate-w2"],
+            "limits.workers = 3 starts three session workers"
+        );
+    })
+    .await;
+}

@@ -96,6 +96,7 @@ pub(super) struct RawLimits {
     pub(super) max_connections: Option<usize>,
     pub(super) startup_timeout: Option<HumanDuration>,
     pub(super) shutdown_grace: Option<HumanDuration>,
+    pub(super) workers: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
