@@ -57,6 +57,22 @@ async fn settle_fds(gate: &Daemon, target: usize, limit: Duration) -> usize {
     }
 }
 
+/// How far above its baseline the daemon's RSS may stay once the load is gone.
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+/// Waits (bounded) until the daemon's RSS drops to `target` KiB or below. The
+/// allocator (jemalloc) gives freed pages back after a decay of ~10 s.
+async fn settle_rss(gate: &Daemon, target: u64, limit: Duration) -> (u64, Duration) {
+    let started = Instant::now();
+    loop {
+        let now = gate.rss_kib();
+        if now <= target || started.elapsed() >= limit {
+            return (now, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn start(extra: &str, nofile: Option<(u64, u64)>) -> (TestCa, FakeNode, Daemon) {
     let ca = TestCa::new("exhaustion");
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), ca.good()).await;
@@ -79,9 +95,7 @@ async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
     let (fds_before, rss_before) = (gate.fd_count(), gate.rss_kib());
     let own_before = own_fd_count();
 
-    // Two rounds: the second shows that memory kept after the first is reused
-    // (allocator and runtime retention), not leaked.
-    let mut rss_rounds = Vec::new();
+    // Two rounds: a leak per session would show in the second at the latest.
     for round in 0..2 {
         let phase = Instant::now();
         let mut held = Vec::with_capacity(HELD);
@@ -117,11 +131,11 @@ async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
         drop(held);
         let fds_after = settle_fds(&gate, fds_before + 5, Duration::from_secs(20)).await;
         served(&gate).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_after = gate.rss_kib();
+        let (rss_after, settled) =
+            settle_rss(&gate, rss_before + RSS_SLACK_KIB, Duration::from_secs(40)).await;
         println!(
             "round {round}, held {HELD}: daemon fds {fds_before} -> {fds_held} -> {fds_after}; \
-             RSS KiB {rss_before} -> {rss_held} -> {rss_after}; test fds {own_before} -> {}",
+             RSS KiB {rss_before} -> {rss_held} -> {rss_after} (after {settled:?}); test fds {own_before} -> {}",
             own_fd_count()
         );
         assert!(
@@ -129,18 +143,14 @@ async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
             "no fd leak: {fds_before} before, {fds_after} after"
         );
         assert!(
-            rss_after <= rss_before + 64 * 1024,
+            rss_held > rss_before + 5 * 1024,
+            "the held clients cost memory (else this test measures nothing): {rss_before} -> {rss_held} KiB"
+        );
+        assert!(
+            rss_after <= rss_before + RSS_SLACK_KIB,
             "RSS returns near its baseline: {rss_before} KiB before, {rss_held} KiB held, {rss_after} KiB after"
         );
-        rss_rounds.push(rss_after);
     }
-    // A per-session leak would grow the second round as much as the first.
-    let first = rss_rounds[0].saturating_sub(rss_before);
-    let second = rss_rounds[1].saturating_sub(rss_rounds[0]);
-    assert!(
-        second <= first / 2,
-        "a second round mostly reuses the memory of the first: baseline {rss_before}, after each round {rss_rounds:?} KiB"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,11 +202,11 @@ async fn serves_a_normal_client_through_a_flood_of_10000_short_connections() {
     let rss_peak = gate.rss_kib();
     let fds_after = settle_fds(&gate, fds_before + 5, Duration::from_secs(20)).await;
     served(&gate).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after = gate.rss_kib();
+    let (rss_after, settled) =
+        settle_rss(&gate, rss_before + RSS_SLACK_KIB, Duration::from_secs(40)).await;
     println!(
         "flood {FLOOD} in {flood_took:?}: normal client served {rounds} times, worst {worst:?}; \
-         daemon fds {fds_before} -> {fds_after}; RSS KiB {rss_before} -> {rss_peak} -> {rss_after}"
+         daemon fds {fds_before} -> {fds_after}; RSS KiB {rss_before} -> {rss_peak} -> {rss_after} (after {settled:?})"
     );
     assert!(rounds >= 1, "the normal client ran during the flood");
     assert!(
@@ -208,7 +218,7 @@ async fn serves_a_normal_client_through_a_flood_of_10000_short_connections() {
         "no fd leak: {fds_before} before, {fds_after} after"
     );
     assert!(
-        rss_after <= rss_before + 64 * 1024,
+        rss_after <= rss_before + RSS_SLACK_KIB,
         "RSS returns near its baseline: {rss_before} KiB before, {rss_after} KiB after"
     );
 }

@@ -1076,7 +1076,9 @@ async fn sessions_run_on_the_configured_number_of_worker_threads() {
             clients.push(client);
         }
         for c in &clients {
-            select_one(c).await.expect("every worker serves its sessions");
+            select_one(c)
+                .await
+                .expect("every worker serves its sessions");
         }
         let workers: Vec<String> = thread_names(gate.process.pid())
             .into_iter()
