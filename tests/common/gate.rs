@@ -196,12 +196,11 @@ impl Drop for Sqlgate {
 }
 
 /// The `sqlgate` binary running `run -c FILE`; killed on drop. Its stderr is
-/// collected line by line (ANSI colours removed).
+/// collected line by line (see [`Process`]).
 pub struct SqlgateProcess {
     pub addr: SocketAddr,
     pub config_path: PathBuf,
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    process: Process,
     _dir: TempDir,
 }
 
@@ -210,141 +209,27 @@ impl SqlgateProcess {
     pub async fn start(config: &GateConfig) -> SqlgateProcess {
         let dir = temp_dir("sqlgate-conf-");
         let config_path = config.write(dir.path());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sqlgate"))
-            .arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the sqlgate binary");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock()
-                    .expect("stderr lines lock")
-                    .push(strip_ansi(&line));
-            }
-        });
-        let mut process = SqlgateProcess {
-            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        let mut process =
+            Process::spawn(Command::new(SQLGATE).arg("run").arg("-c").arg(&config_path));
+        let addr = process.wait_listening(Duration::from_secs(20)).await;
+        SqlgateProcess {
+            addr,
             config_path,
-            child,
-            lines,
+            process,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(addr) = process
-                .lines()
-                .iter()
-                .filter(|l| l.contains("listening"))
-                .find_map(|l| parse_addr_field(l))
-            {
-                process.addr = addr;
-                return process;
-            }
-            if let Ok(Some(status)) = process.child.try_wait() {
-                // Give the reader thread a moment to collect the last lines.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                panic!(
-                    "sqlgate exited with {status} before listening; stderr:\n{}",
-                    process.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sqlgate logged no `listening … addr=` line within 20s; stderr:\n{}",
-                process.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Every stderr line so far.
-    pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("stderr lines lock").clone()
-    }
-
-    /// All of stderr so far.
-    pub fn stderr(&self) -> String {
-        self.lines().join("\n")
-    }
-
-    /// Waits up to `timeout` for a stderr line matching `pred`.
-    pub async fn wait_for_line(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
-                return Some(line);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// True while the process has not exited.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `kill -9`, as a crash would: nothing is cleaned up (e.g. unix socket files).
-    pub fn kill_hard(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
-impl Drop for SqlgateProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for SqlgateProcess {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
     }
 }
 
-/// The `addr=HOST:PORT` field of a log line.
-pub(crate) fn parse_addr_field(line: &str) -> Option<SocketAddr> {
-    let start = line.find("addr=")? + "addr=".len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != ',' && *c != '}')
-        .collect();
-    value.trim_matches('"').parse().ok()
-}
-
-pub(crate) fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
+impl std::ops::DerefMut for SqlgateProcess {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
-    out
 }

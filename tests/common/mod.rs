@@ -11,7 +11,10 @@
 //! - [`RawClient`] and [`wire`]: hand-built startup packets and ErrorResponse parsing.
 //! - [`psql`], [`psql_copy_digest`], [`connect_app`]: real clients.
 //!
-//! Files: `pki.rs`, `pg.rs`, `gate.rs`, `clients.rs`, `wire_client.rs`; this file
+//! - [`Process`]: a child process with its stderr collected (also used by
+//!   `tests/ops_support` and, by path, `tests/fault_support`).
+//!
+//! Files: `pki.rs`, `pg.rs`, `gate.rs`, `clients.rs`, `wire_client.rs`, `process.rs`; this file
 //! holds the constants and the process helpers they share.
 //!
 //! PostgreSQL refuses to run as root, so its programs run as the `postgres`
@@ -273,10 +276,12 @@ mod clients;
 mod gate;
 mod pg;
 mod pki;
+pub mod process;
 mod wire_client;
 
 pub use clients::*;
 pub use gate::*;
 pub use pg::*;
 pub use pki::*;
+pub use process::{Process, SQLGATE};
 pub use wire_client::*;

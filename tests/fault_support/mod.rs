@@ -2,17 +2,18 @@
 //! issue broken certificates, fake cluster nodes that misbehave on cue, the
 //! sqlgate binary under a chosen open-files limit, and /proc readings.
 //!
-//! Self-contained on purpose (it does not use `tests/common`): every fake
-//! node speaks just enough of the PostgreSQL protocol for one fault.
+//! Apart from the child-process helper (`tests/common/process.rs`, included by
+//! path) it does not use `tests/common`: every fake node speaks just enough of
+//! the PostgreSQL protocol for one fault.
 
 #![allow(dead_code)]
 
-use std::io::{self, BufRead as _};
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -24,6 +25,10 @@ use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+
+#[path = "../common/process.rs"]
+mod process;
+pub use process::{Process, SQLGATE};
 
 /// Text a fake node puts in its pre-TLS ErrorResponse; it must never reach a client.
 pub const PRE_TLS_SECRET: &str = "pre-tls-server-text-never-relayed";
@@ -489,13 +494,26 @@ pub fn config_toml(ca_file: &Path, nodes: &[Node], connect_timeout: &str, extra:
     toml + extra
 }
 
-/// The sqlgate binary, `run -c FILE`, optionally under `prlimit`; killed on drop.
+/// The sqlgate binary, `run -c FILE`, optionally under `prlimit`; killed on
+/// drop. Derefs to its [`Process`] (stderr lines, waits).
 pub struct Daemon {
     pub addr: SocketAddr,
     pub pid: u32,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    process: Process,
     _dir: TempDir,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }
 
 impl Daemon {
@@ -508,72 +526,26 @@ impl Daemon {
             .expect("temp dir");
         let path = dir.path().join("sqlgate.toml");
         std::fs::write(&path, toml).expect("write config");
-        let bin = env!("CARGO_BIN_EXE_sqlgate");
         let mut cmd = match nofile {
             Some((soft, hard)) => {
                 let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={soft}:{hard}")).arg(bin);
+                c.arg(format!("--nofile={soft}:{hard}")).arg(SQLGATE);
                 c
             }
-            None => Command::new(bin),
+            None => Command::new(SQLGATE),
         };
-        let mut child = cmd
-            .arg("run")
+        cmd.arg("run")
             .arg("-c")
             .arg(&path)
-            .env("NO_COLOR", "1")
-            .env("SQLGATE_LOG", "sqlgate=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sqlgate");
-        let pid = child.id();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lines").push(line);
-            }
-        });
-        let mut daemon = Daemon {
-            addr: "0.0.0.0:0".parse().expect("addr"),
-            pid,
-            child,
-            lines,
+            .env("SQLGATE_LOG", "sqlgate=debug");
+        let mut process = Process::spawn(&mut cmd);
+        let addr = process.wait_listening(Duration::from_secs(20)).await;
+        Daemon {
+            addr,
+            pid: process.pid(),
+            process,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(addr) = daemon
-                .lines()
-                .iter()
-                .filter(|l| l.contains("listening"))
-                .find_map(|l| addr_field(l))
-            {
-                daemon.addr = addr;
-                return daemon;
-            }
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                panic!(
-                    "sqlgate exited with {status}:\n{}",
-                    daemon.lines().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sqlgate did not listen within 20s:\n{}",
-                daemon.lines().join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("lines").clone()
     }
 
     /// Lines logged at WARN or ERROR.
@@ -582,24 +554,6 @@ impl Daemon {
             .into_iter()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
             .collect()
-    }
-
-    /// Waits up to `timeout` for `count` lines containing `needle`.
-    pub async fn wait_for_lines(&self, needle: &str, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.lines().iter().filter(|l| l.contains(needle)).count() >= count {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Open file descriptors of the daemon.
@@ -646,22 +600,6 @@ impl Daemon {
             values.next().unwrap_or_default().to_owned(),
         )
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn addr_field(line: &str) -> Option<SocketAddr> {
-    let start = line.find("addr=")? + "addr=".len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != ',' && *c != '}')
-        .collect();
-    value.trim_matches('"').parse().ok()
 }
 
 fn status_field(pid: u32, name: &str) -> u64 {

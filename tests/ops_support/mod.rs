@@ -5,12 +5,12 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead as _};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -19,123 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::common::{APP_DB, APP_PASSWORD, APP_USER};
 
-/// The sqlgate binary under test.
-pub const SQLGATE: &str = env!("CARGO_BIN_EXE_sqlgate");
-
-/// A child process (sqlgate, possibly under a wrapper) whose stderr is collected
-/// line by line; killed on drop.
-pub struct Process {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Spawns `cmd` with stdin closed, stdout discarded and stderr collected.
-    pub fn spawn(cmd: &mut Command) -> Process {
-        cmd.env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .env_remove("SQLGATE_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lines lock").push(line);
-            }
-        });
-        Process { child, lines }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends `signal` (e.g. "HUP", "TERM") with kill(1).
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -s {signal} {} failed", self.pid());
-    }
-
-    pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("lines lock").clone()
-    }
-
-    pub fn stderr(&self) -> String {
-        self.lines().join("\n")
-    }
-
-    /// The first stderr line matching `pred` within `timeout`.
-    pub async fn wait_for_line(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
-                return Some(line);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// Like [`Process::wait_for_line`] but panics with stderr when none comes.
-    pub async fn expect_line(&self, timeout: Duration, what: &str) -> String {
-        self.wait_for_line(timeout, |l| l.contains(what))
-            .await
-            .unwrap_or_else(|| {
-                panic!(
-                    "no stderr line containing {what:?} within {timeout:?}; stderr:\n{}",
-                    self.stderr()
-                )
-            })
-    }
-
-    /// How many stderr lines contain `what`.
-    pub fn count_lines(&self, what: &str) -> usize {
-        self.lines().iter().filter(|l| l.contains(what)).count()
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader thread collect the last lines.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {timeout:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use crate::common::process::{Process, SQLGATE, addr_field};
 
 /// `sqlgate run -c FILE` with its config in a temporary directory.
 pub struct Gate {
@@ -226,19 +110,6 @@ impl Gate {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// The `addr` field of a text (`addr=…`) or JSON (`"addr":"…"`) log line.
-pub fn addr_field(line: &str) -> Option<SocketAddr> {
-    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
-        return json.get("addr")?.as_str()?.parse().ok();
-    }
-    let start = line.find(" addr=")? + " addr=".len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    value.trim_matches('"').parse().ok()
 }
 
 /// `GET path` over HTTP/1.1 with `Connection: close`; returns status and body.
