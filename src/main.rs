@@ -91,12 +91,12 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(error = %e, "cannot start the allocator's background purging thread");
-    }
     sqlgate::limits::raise_nofile_limit_logged();
     // Before any thread exists: this edits the environment (LISTEN_FDS, LISTEN_PID).
     let inherited = sqlgate::systemd::take_inherited_listeners()?;
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start the allocator's background purging thread");
+    }
     // The control runtime: accept loops, probes, reloads, metrics. Sessions
     // run on the worker threads (see sqlgate::workers).
     let runtime = tokio::runtime::Builder::new_current_thread()
