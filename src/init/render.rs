@@ -183,22 +183,9 @@ pub fn render(plan: &Plan) -> Result<String, InitError> {
     Ok(t)
 }
 
-/// A TOML basic string.
+/// A TOML string (the `toml` crate quotes and escapes it).
 fn toml_string(s: &str) -> String {
-    let mut quoted = String::with_capacity(s.len() + 2);
-    quoted.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(quoted, "\\u{:04X}", u32::from(c));
-            }
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// What `sqlgate init` did, printed for the user.

@@ -99,21 +99,9 @@ impl GateConfig {
     }
 }
 
+/// A TOML string (the `toml` crate quotes and escapes it).
 pub(crate) fn toml_str(s: &str) -> String {
-    let mut quoted = String::with_capacity(s.len() + 2);
-    quoted.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            c if c.is_control() => {
-                write!(quoted, "\\u{:04X}", u32::from(c)).expect("write to String")
-            }
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// Sends the library's tracing output to the test's captured output (once).

@@ -1,0 +1,107 @@
+use super::*;
+
+/// A directory with a real CA certificate, and a config path inside it.
+fn fixture() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&key).expect("ca");
+    std::fs::write(dir.path().join("ca.crt"), ca.pem()).expect("write ca");
+    std::fs::write(dir.path().join("empty.crt"), "").expect("write empty");
+    let path = dir.path().join("sqlgate.toml");
+    (dir, path)
+}
+
+const BASE: &str = r#"
+[upstream]
+ca_file = "ca.crt"
+
+[[nodes]]
+host = "localhost"
+port = 5432
+region = "local"
+"#;
+
+#[test]
+fn loads_a_minimal_config_with_defaults() {
+    let (_dir, path) = fixture();
+    let cfg = Config::parse(BASE, &path).expect("valid");
+    assert_eq!(cfg.listeners.len(), 2, "127.0.0.1 and [::1] by default");
+    assert_eq!(cfg.upstream.sslmode, SslMode::VerifyFull);
+    assert_eq!(cfg.upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(cfg.limits.startup_timeout, Duration::from_secs(10));
+    assert_eq!(cfg.limits.workers, default_workers());
+    assert!(cfg.limits.workers >= 1);
+    assert_eq!(cfg.nodes[0].id.as_str(), "localhost:5432");
+    assert!(
+        cfg.listeners[0]
+            .allow
+            .permits("127.0.0.1".parse().expect("ip"))
+    );
+    assert!(
+        !cfg.listeners[0]
+            .allow
+            .permits("10.0.0.1".parse().expect("ip"))
+    );
+}
+
+#[test]
+fn reports_errors_with_file_and_line() {
+    let (_dir, path) = fixture();
+    let cases: Vec<(String, usize, &str)> = vec![
+        (
+            format!("{BASE}\n[limits]\nbogus = 1\n"),
+            11,
+            "unknown field",
+        ),
+        (
+            format!("[[listen]]\naddr = \"127.0.0.1:1\"\nallow = [\"10.0.0.0/33\"]\n{BASE}"),
+            3,
+            "",
+        ),
+        (BASE.replace("ca.crt", "missing.crt"), 3, "missing.crt"),
+        (BASE.replace("ca.crt", "empty.crt"), 3, "no certificates"),
+        (BASE.replace("region = \"local\"\n", ""), 5, "region"),
+        (
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[[listen]]\naddr = \"127.0.0.1:1\"\n{BASE}"
+            ),
+            3,
+            "duplicate listener",
+        ),
+        (
+            format!("{BASE}\n[limits]\nstartup_timeout = \"soon\"\n"),
+            11,
+            "invalid duration",
+        ),
+        (
+            format!("{BASE}\n[[nodes]]\nhost = \"localhost\"\nport = 5432\nregion = \"b\"\n"),
+            10,
+            "duplicate node",
+        ),
+        (
+            format!("{BASE}\n[limits]\nmax_connections = 5\nworkers = 0\n"),
+            12,
+            "limits.workers must be between 1 and 256",
+        ),
+    ];
+    assert!(!cases.is_empty());
+    for (text, line, needle) in cases {
+        let e = Config::parse(&text, &path).expect_err(&text);
+        let shown = e.to_string();
+        assert!(shown.starts_with(&path.display().to_string()), "{shown}");
+        if line > 0 {
+            assert_eq!(e.line, Some(line), "{shown}\n---\n{text}");
+        }
+        assert!(shown.contains(needle), "{shown} lacks {needle:?}");
+    }
+}
+
+#[test]
+fn normalises_listeners_and_warns_about_open_allowlists() {
+    let (_dir, path) = fixture();
+    let text = format!("[[listen]]\naddr = \"0.0.0.0:26257\"\nallow = [\"0.0.0.0/0\"]\n{BASE}");
+    let cfg = Config::parse(&text, &path).expect("valid");
+    assert_eq!(cfg.warnings().len(), 1, "{:?}", cfg.warnings());
+}
