@@ -20,6 +20,7 @@ use crate::listener::{self, Bound, ConnectionLimit, ListenerState, LiveSessions,
 use crate::metrics::{self as m, Exporter, MetricsError, NotReady, Readiness, ReloadOutcome};
 use crate::routing::{Prober, Router};
 use crate::session::SessionContext;
+use crate::shutdown::{Lifecycle, Phase};
 use crate::systemd::{self, Inherited};
 use crate::workers::Workers;
 
@@ -85,6 +86,7 @@ pub struct Daemon {
     listeners: Vec<(Bound, Arc<ListenerState>)>,
     exporter: Option<Exporter>,
     reloads: (mpsc::Sender<ReloadRequest>, mpsc::Receiver<ReloadRequest>),
+    lifecycle: Lifecycle,
 }
 
 impl Daemon {
@@ -129,6 +131,7 @@ impl Daemon {
             listeners,
             exporter,
             reloads: mpsc::channel(1),
+            lifecycle: Lifecycle::new(),
         })
     }
 
@@ -152,19 +155,29 @@ impl Daemon {
         }
     }
 
-    /// Serves until `shutdown` is cancelled, reloading when asked, then drains:
-    /// new connections get 57P01, running sessions get up to
-    /// `limits.shutdown_grace` to finish, and what is left is closed.
+    /// The handle that starts the drain ([`Lifecycle::drain`], what SIGTERM
+    /// does) while [`Daemon::run`] runs.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.clone()
+    }
+
+    /// Serves until the lifecycle leaves [`Phase::Serving`], reloading when
+    /// asked, then drains: new connections get 57P01, running sessions get up
+    /// to `limits.shutdown_grace` to finish ([`Phase::Draining`]), what is left
+    /// is closed ([`Phase::Cutting`]), and background tasks end
+    /// ([`Phase::Stopped`]).
     ///
     /// # Errors
-    /// None yet at run time; the signature leaves room for fatal runtime errors.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    /// When the session workers cannot be started.
+    pub async fn run(self) -> Result<(), DaemonError> {
         let Daemon {
             config: initial,
             listeners,
             exporter,
             reloads: (_keep_open, mut reload_requests),
+            lifecycle,
         } = self;
+        let phase = lifecycle.watch();
         let limit = ConnectionLimit::new(initial.limits.max_connections);
         let live = Arc::new(LiveSessions::default());
         let state = Arc::new(State {
@@ -175,8 +188,7 @@ impl Daemon {
                 &initial.health,
             )),
             cancels: Arc::new(CancelTable::new()),
-            kill_all: CancellationToken::new(),
-            draining: CancellationToken::new(),
+            lifecycle: lifecycle.clone(),
             limit: Arc::clone(&limit),
             live: Arc::clone(&live),
             listeners: listeners.iter().map(|(_, l)| Arc::clone(l)).collect(),
@@ -190,49 +202,48 @@ impl Daemon {
         let tracker = TaskTracker::new();
         let factory_state = Arc::clone(&state);
         let shared = Arc::new(Shared::new(
-            Box::new(move |id| factory_state.session_context(id)),
+            Box::new(move |id, listener, kill| factory_state.session_context(id, listener, kill)),
             limit,
             live,
-            state.draining.clone(),
+            phase.clone(),
             tracker.clone(),
             Arc::clone(&workers),
         ));
-        let stop_accepting = CancellationToken::new();
         let mut loops = Vec::new();
         for (bound, listener) in listeners {
             loops.push(tokio::spawn(listener::accept_loop(
                 bound,
                 listener,
                 Arc::clone(&shared),
-                stop_accepting.clone(),
+                phase.clone(),
             )));
         }
         state.serving.store(true, Ordering::Release);
 
         // Endpoints that outlive the drain: /readyz must say 503 while it runs.
-        let background = CancellationToken::new();
         if let Some(exporter) = exporter {
             let ready: Arc<dyn Readiness> = Arc::clone(&state) as Arc<dyn Readiness>;
-            tokio::spawn(exporter.serve(ready, background.clone()));
+            tokio::spawn(exporter.serve(ready, phase.clone()));
         }
-        tokio::spawn(systemd::keep_alive(background.clone()));
+        let stopped = phase.clone();
+        tokio::spawn(async move { systemd::keep_alive(stopped.wait_for(Phase::Stopped)).await });
         let announce = Arc::clone(&state);
-        let gave_up = background.clone();
+        let gave_up = phase.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = announce.first_health_round() => {
-                    if !announce.draining.is_cancelled() {
+                    if !gave_up.reached(Phase::Draining) {
                         tracing::info!("ready");
                         systemd::ready();
                     }
                 }
-                () = gave_up.cancelled() => {}
+                () = gave_up.wait_for(Phase::Stopped) => {}
             }
         });
 
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = phase.wait_for(Phase::Draining) => break,
                 Some(request) = reload_requests.recv() => {
                     let outcome = state.reload().await;
                     if let Some(done) = request {
@@ -245,17 +256,17 @@ impl Daemon {
         systemd::stopping();
         let grace = state.config.load().limits.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), sessions = state.live.len(), "draining");
-        state.draining.cancel();
+        lifecycle.drain();
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
                 sessions = state.live.len(),
                 "grace period over; closing remaining sessions"
             );
-            state.kill_all.cancel();
+            lifecycle.advance(Phase::Cutting);
             let _ = tokio::time::timeout(HARD_STOP_WAIT, tracker.wait()).await;
         }
-        stop_accepting.cancel();
+        lifecycle.advance(Phase::Stopped);
         for l in loops {
             let _ = l.await;
         }
@@ -272,7 +283,6 @@ impl Daemon {
         if let Some(prober) = prober {
             prober.stop().await;
         }
-        background.cancel();
         tracing::info!("stopped");
         Ok(())
     }
@@ -366,8 +376,7 @@ struct State {
     config: ArcSwap<Config>,
     router: Arc<Router>,
     cancels: Arc<CancelTable>,
-    kill_all: CancellationToken,
-    draining: CancellationToken,
+    lifecycle: Lifecycle,
     limit: Arc<ConnectionLimit>,
     live: Arc<LiveSessions>,
     listeners: Vec<Arc<ListenerState>>,
@@ -390,16 +399,23 @@ impl State {
         drop(old);
     }
 
-    fn session_context(&self, id: u64) -> SessionContext {
+    /// The context of a new session on `listener`, built once it is in the
+    /// live table (so a reload either is seen here or finds the session there).
+    fn session_context(
+        &self,
+        id: u64,
+        listener: &ListenerState,
+        kill: CancellationToken,
+    ) -> SessionContext {
         SessionContext {
             id,
             config: self.config.load_full(),
-            listener: Arc::from(""),
-            allow: None,
+            listener: Arc::clone(&listener.name),
+            allow: listener.allow(),
             router: Arc::clone(&self.router),
             cancels: Arc::clone(&self.cancels),
-            kill: self.kill_all.child_token(),
-            draining: self.draining.clone(),
+            kill,
+            lifecycle: self.lifecycle.watch(),
         }
     }
 
@@ -507,7 +523,7 @@ impl State {
 
 impl Readiness for State {
     fn readiness(&self) -> Result<(), NotReady> {
-        if self.draining.is_cancelled() {
+        if self.lifecycle.phase() >= Phase::Draining {
             return Err(NotReady::Draining);
         }
         if !self.serving.load(Ordering::Acquire) {

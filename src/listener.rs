@@ -26,6 +26,7 @@ use crate::metrics::{self as m, ConnectionOutcome};
 use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupReader};
 use crate::session::{self, SessionContext};
+use crate::shutdown::{Phase, PhaseWatch};
 use crate::systemd::{Inherited, InheritedSocket};
 use crate::workers::Workers;
 
@@ -102,9 +103,9 @@ impl ListenerState {
         }
     }
 
-    /// The allowlist in force.
-    pub fn allow(&self) -> Option<Allowlist> {
-        self.allow.load_full().map(|a| Allowlist::clone(&a))
+    /// The allowlist in force, shared (not copied) with the sessions.
+    pub fn allow(&self) -> Option<Arc<Allowlist>> {
+        self.allow.load_full()
     }
 
     /// Puts a new allowlist in force for new and (via
@@ -229,19 +230,25 @@ impl LiveSessions {
     /// Ends every session whose listener's allowlist (as now in force) no
     /// longer admits its client address; returns how many.
     pub fn close_unpermitted(&self) -> usize {
-        let entries = self.lock();
-        let mut closed = 0;
-        for (id, s) in entries.iter() {
-            if let Some(ip) = s.client
-                && !s.listener.permits(ip)
-                && !s.kill.is_cancelled()
-            {
-                tracing::info!(session.id = id, client.addr = %ip, listener = %s.listener.name, "closing session: the reloaded allowlist no longer admits its client");
-                s.kill.cancel();
-                closed += 1;
-            }
+        // Decided and cancelled under the lock; logged after it is released.
+        let closed: Vec<(u64, IpAddr, Arc<str>)> = {
+            let entries = self.lock();
+            entries
+                .iter()
+                .filter_map(|(id, s)| {
+                    let ip = s.client?;
+                    if s.listener.permits(ip) || s.kill.is_cancelled() {
+                        return None;
+                    }
+                    s.kill.cancel();
+                    Some((*id, ip, Arc::clone(&s.listener.name)))
+                })
+                .collect()
+        };
+        for (id, ip, listener) in &closed {
+            tracing::info!(session.id = id, client.addr = %ip, listener = %listener, "closing session: the reloaded allowlist no longer admits its client");
         }
-        closed
+        closed.len()
     }
 
     pub fn len(&self) -> usize {
@@ -298,15 +305,19 @@ async fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Builds a session's context: its id, its listener, the token that ends it.
+pub type ContextFactory =
+    Box<dyn Fn(u64, &ListenerState, CancellationToken) -> SessionContext + Send + Sync>;
+
 /// What every session spawned by a listener shares.
 pub struct Shared {
-    pub context: Box<dyn Fn(u64) -> SessionContext + Send + Sync>,
+    pub context: ContextFactory,
     pub limit: Arc<ConnectionLimit>,
     pub rejections: Arc<Semaphore>,
     pub tracker: TaskTracker,
     pub live: Arc<LiveSessions>,
-    /// Cancelled when the daemon starts draining.
-    pub draining: CancellationToken,
+    /// The daemon's lifecycle: refusals say 57P01 from draining on.
+    pub lifecycle: PhaseWatch,
     pub next_id: AtomicU64,
     /// Where admitted sessions run.
     pub workers: Arc<Workers>,
@@ -314,10 +325,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        context: Box<dyn Fn(u64) -> SessionContext + Send + Sync>,
+        context: ContextFactory,
         limit: Arc<ConnectionLimit>,
         live: Arc<LiveSessions>,
-        draining: CancellationToken,
+        lifecycle: PhaseWatch,
         tracker: TaskTracker,
         workers: Arc<Workers>,
     ) -> Self {
@@ -327,26 +338,28 @@ impl Shared {
             rejections: Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS)),
             tracker,
             live,
-            draining,
+            lifecycle,
             next_id: AtomicU64::new(1),
             workers,
         }
     }
 }
 
-/// Accepts until `stop` is cancelled. Accept errors (EMFILE and the like) back
-/// off instead of spinning.
+/// Accepts until the lifecycle reaches [`Phase::Stopped`] (during the drain it
+/// still accepts, so that newcomers hear 57P01 rather than a refused
+/// connection). Accept errors (EMFILE and the like) back off instead of
+/// spinning.
 pub async fn accept_loop(
     bound: Bound,
     listener: Arc<ListenerState>,
     shared: Arc<Shared>,
-    stop: CancellationToken,
+    stop: PhaseWatch,
 ) {
     let name = &listener.name;
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.wait_for(Phase::Stopped) => return,
             accepted = accept(&bound) => accepted,
         };
         match accepted {
@@ -357,7 +370,7 @@ pub async fn accept_loop(
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed; backing off for {backoff:?}");
                 tokio::select! {
-                    () = stop.cancelled() => return,
+                    () = stop.wait_for(Phase::Stopped) => return,
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -413,17 +426,14 @@ fn spawn_session(
     let name = &listener.name;
     match shared.limit.try_acquire() {
         Some(permit) => {
-            let mut ctx = (shared.context)(id);
-            let live = shared.live.register(
-                id,
-                Arc::clone(listener),
-                peer.map(|p| p.ip()),
-                ctx.kill.clone(),
-            );
-            // Loaded after registering, so a reload in between either is seen
-            // here or finds this session in the live table.
-            ctx.listener = Arc::clone(name);
-            ctx.allow = listener.allow();
+            let kill = CancellationToken::new();
+            let live =
+                shared
+                    .live
+                    .register(id, Arc::clone(listener), peer.map(|p| p.ip()), kill.clone());
+            // Built after registering, so a reload in between either is seen
+            // in the context or finds this session in the live table.
+            let ctx = (shared.context)(id, listener, kill);
             let (worker, share) = shared.workers.assign();
             worker.spawn(shared.tracker.track_future(async move {
                 match stream.register() {
@@ -438,7 +448,7 @@ fn spawn_session(
             }));
         }
         None => {
-            let refusal = if shared.draining.is_cancelled() {
+            let refusal = if shared.lifecycle.reached(Phase::Draining) {
                 Refusal::ShuttingDown
             } else {
                 Refusal::OverLimit

@@ -9,7 +9,6 @@ use clap::Parser;
 use sqlgate::cli::{Cli, Command};
 use sqlgate::config::{Config, LogConfig, LogFormat};
 use sqlgate::{EXIT_FAILURE, EXIT_USAGE};
-use tokio_util::sync::CancellationToken;
 
 /// jemalloc, with its background thread purging freed pages: after a burst of
 /// thousands of connections the daemon's RSS returns to its baseline within
@@ -103,15 +102,19 @@ fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let signals =
             sqlgate::shutdown::Signals::install().context("cannot install signal handlers")?;
         let daemon = sqlgate::Daemon::bind_or_adopt(config, inherited).await?;
-        let shutdown = CancellationToken::new();
-        signals.spawn(shutdown.clone(), daemon.reloader());
-        daemon.run(shutdown).await?;
+        let reloader = daemon.reloader();
+        signals.spawn(daemon.lifecycle(), move || reloader.request());
+        daemon.run().await?;
         Ok(())
-    })
+    });
+    // A blocking task that hangs (a stuck DNS lookup of a probe) must not hold
+    // the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 fn init_tracing(log: &LogConfig) {

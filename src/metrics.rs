@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::shutdown::{Phase, PhaseWatch};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -21,7 +22,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 /// `listener`, `outcome`: what became of each client connection.
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "sqlgate_client_connections_total";
@@ -256,8 +256,9 @@ impl Exporter {
         self.listener.local_addr().ok()
     }
 
-    /// Serves `GET /metrics`, `/healthz` and `/readyz` until `stop` is cancelled.
-    pub async fn serve(self, ready: Arc<dyn Readiness>, stop: CancellationToken) {
+    /// Serves `GET /metrics`, `/healthz` and `/readyz` until the daemon has
+    /// [`Phase::Stopped`].
+    pub async fn serve(self, ready: Arc<dyn Readiness>, stop: PhaseWatch) {
         let Exporter { listener, handle } = self;
         let upkeep = {
             let handle = handle.clone();
@@ -266,7 +267,7 @@ impl Exporter {
                 let mut every = tokio::time::interval(UPKEEP_INTERVAL);
                 loop {
                     tokio::select! {
-                        () = stop.cancelled() => return,
+                        () = stop.wait_for(Phase::Stopped) => return,
                         _ = every.tick() => handle.run_upkeep(),
                     }
                 }
@@ -275,14 +276,14 @@ impl Exporter {
         let slots = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
         loop {
             let slot = tokio::select! {
-                () = stop.cancelled() => break,
+                () = stop.wait_for(Phase::Stopped) => break,
                 slot = Arc::clone(&slots).acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break,
                 },
             };
             let accepted = tokio::select! {
-                () = stop.cancelled() => break,
+                () = stop.wait_for(Phase::Stopped) => break,
                 accepted = listener.accept() => accepted,
             };
             let stream = match accepted {
@@ -312,7 +313,7 @@ impl Exporter {
                             tracing::debug!(error = %e, "metrics endpoint: connection error");
                         }
                     }
-                    () = stop.cancelled() => {}
+                    () = stop.wait_for(Phase::Stopped) => {}
                 }
                 drop(slot);
             });

@@ -53,6 +53,8 @@ pub fn run(path: &Path) -> i32 {
         }
     };
     let reports = runtime.block_on(probe_all(&config));
+    // A DNS lookup that never answers must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     print!("{}", render(&reports, SystemTime::now()));
     if reports.iter().any(NodeReport::is_reachable) {
         0
@@ -199,7 +201,7 @@ fn address(node: &NodeConfig, result: &Result<ProbeOk, ProbeError>) -> String {
 }
 
 fn describe_expiry(expiry: SystemTime, now: SystemTime) -> String {
-    let date = probe::format_date(expiry);
+    let date = crate::upstream::advice::format_date(expiry);
     match expiry.duration_since(now) {
         Err(_) => format!("{date} (EXPIRED)"),
         Ok(left) if left < EXPIRY_WARNING => {
@@ -212,7 +214,7 @@ fn describe_expiry(expiry: SystemTime, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::NodeId;
+    use crate::config::NodeId;
     use std::time::UNIX_EPOCH;
 
     fn node(port: u16, region: &str) -> NodeConfig {

@@ -23,6 +23,7 @@ use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
 use crate::relay::{self, Transferred};
 use crate::routing::{self, Node, Router};
+use crate::shutdown::{Phase, PhaseWatch};
 use crate::upstream::{self, UpstreamError, UpstreamStream};
 
 /// Everything a session needs, handed to it by value at accept time.
@@ -33,13 +34,25 @@ pub struct SessionContext {
     /// The listener's name (its address or path), a metric label.
     pub listener: Arc<str>,
     /// `None` for Unix sockets, where file permissions decide.
-    pub allow: Option<Allowlist>,
+    pub allow: Option<Arc<Allowlist>>,
     pub router: Arc<Router>,
     pub cancels: Arc<CancelTable>,
-    /// Cancelled to end this session at once (allowlist change, hard stop).
+    /// Cancelled to end this session at once (allowlist change).
     pub kill: CancellationToken,
-    /// Cancelled when the daemon starts draining.
-    pub draining: CancellationToken,
+    /// The daemon's lifecycle: no new session from draining on, and the
+    /// session is cut at [`Phase::Cutting`].
+    pub lifecycle: PhaseWatch,
+}
+
+impl SessionContext {
+    /// Completes when sqlgate ends this session: its kill token (allowlist
+    /// change) or the end of the drain's grace. Cancel-safe.
+    async fn killed(&self) {
+        tokio::select! {
+            () = self.kill.cancelled() => {}
+            () = self.lifecycle.wait_for(Phase::Cutting) => {}
+        }
+    }
 }
 
 /// Why a session ended early. Each maps to one SQLSTATE and one metric outcome.
@@ -194,7 +207,7 @@ where
         Request::Session(..) if !admitted => {
             return reject(&ctx, &mut client, SessionError::Denied).await;
         }
-        Request::Session(..) if ctx.draining.is_cancelled() => {
+        Request::Session(..) if ctx.lifecycle.reached(Phase::Draining) => {
             return reject(&ctx, &mut client, SessionError::ShuttingDown).await;
         }
         Request::Session(startup, leftover) => (startup, leftover),
@@ -298,7 +311,7 @@ async fn connect_nearest(
             Err(e) => {
                 metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "node" => node.id().to_string(), "kind" => e.kind().as_str())
                     .increment(1);
-                let reason = routing::probe::upstream_advice(&e, &ctx.config.upstream.ca_file);
+                let reason = e.advice(&ctx.config.upstream.ca_file);
                 tracing::warn!(node = %node.id(), region = %node.config.region, error = %reason, "cannot open session to node");
                 ctx.router.dial_failed(&node, &reason);
                 failures.push((node, e));
@@ -344,7 +357,7 @@ where
     };
     let startup_result = tokio::select! {
         r = startup_relay(ctx, client, &mut upstream, target) => r,
-        () = ctx.kill.cancelled() => Err(SessionError::Killed),
+        () = ctx.killed() => Err(SessionError::Killed),
     };
     let (in_startup, registration) = match startup_result {
         Ok(done) => done,
@@ -354,7 +367,7 @@ where
     let mut relayed = Transferred::default();
     let ended = tokio::select! {
         r = relay::relay_counted(client, &mut upstream, &mut relayed) => Some(r),
-        () = ctx.kill.cancelled() => None,
+        () = ctx.killed() => None,
     };
     let result = match ended {
         Some(Ok(())) => Ok(()),

@@ -9,8 +9,6 @@ use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 /// Sends `READY=1`: listeners bound, first health round done, or a reload over.
 pub fn ready() {
     notify("READY=1\nSTATUS=serving\n");
@@ -91,18 +89,19 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-/// Sends `WATCHDOG=1` every half `WATCHDOG_USEC` until `stop` is cancelled;
+/// Sends `WATCHDOG=1` every half `WATCHDOG_USEC` until `stop` completes;
 /// returns at once when the watchdog is off.
-pub async fn keep_alive(stop: CancellationToken) {
+pub async fn keep_alive(stop: impl std::future::Future<Output = ()>) {
     let Some(every) = watchdog_interval() else {
         return;
     };
     tracing::debug!(every = ?every, "systemd watchdog on");
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = &mut stop => return,
             _ = tick.tick() => watchdog(),
         }
     }

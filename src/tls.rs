@@ -16,11 +16,31 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-use crate::config::{Negotiation, SslMode};
+use serde::Deserialize;
 
 /// ALPN protocol name PostgreSQL 17+ requires for direct TLS
 /// (src/include/libpq/pqcomm.h, `PG_ALPN_PROTOCOL`).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// How strictly the node's certificate is checked. There is no unverified mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Chain to `ca_file` and the node's `host` in the certificate.
+    VerifyFull,
+    /// Chain to `ca_file` only.
+    VerifyCa,
+}
+
+/// How the TLS session to a node is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Negotiation {
+    /// SSLRequest, then TLS after the server's `S`.
+    Postgres,
+    /// TLS from the first byte with ALPN `postgresql` (PostgreSQL 17+).
+    Direct,
+}
 
 /// The PEM files a client configuration is built from.
 #[derive(Debug, Clone)]

@@ -14,9 +14,13 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
+
+/// How long a worker's runtime waits for its blocking tasks when it stops.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One worker thread and its runtime.
 struct Worker {
@@ -62,8 +66,11 @@ impl Workers {
                 .name(format!("sqlgate-w{index}"))
                 .spawn(move || {
                     runtime.block_on(stopped.cancelled());
-                    // Dropping the runtime here, on its own thread, cancels
-                    // what is left (nothing, after a drain).
+                    // Ends the runtime here, on its own thread: what is left
+                    // (nothing, after a drain) is cancelled, and a blocking
+                    // task that hangs (a stuck DNS lookup) is abandoned after
+                    // a bound instead of holding the exit.
+                    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
                 })?;
             workers.push(Worker {
                 handle,

@@ -17,8 +17,7 @@ use toml::Spanned;
 mod raw;
 
 use crate::allowlist::Allowlist;
-use crate::routing::NodeId;
-use crate::tls::{self, TlsFiles};
+use crate::tls::{self, Negotiation, SslMode, TlsFiles};
 use raw::{RawConfig, RawListen};
 
 /// Default listen port, as CockroachDB's.
@@ -83,26 +82,6 @@ pub struct ListenerConfig {
     pub optional: bool,
 }
 
-/// How strictly the node's certificate is checked. There is no unverified mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    /// Chain to `ca_file` and the node's `host` in the certificate.
-    VerifyFull,
-    /// Chain to `ca_file` only.
-    VerifyCa,
-}
-
-/// How the TLS session to a node is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Negotiation {
-    /// SSLRequest, then TLS after the server's `S`.
-    Postgres,
-    /// TLS from the first byte with ALPN `postgresql` (PostgreSQL 17+).
-    Direct,
-}
-
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub sslmode: SslMode,
@@ -118,6 +97,31 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Default)]
 pub struct RoutingConfig {
     pub region: Option<String>,
+}
+
+/// A node's identity: `host:port`, also its metric label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(Arc<str>);
+
+impl NodeId {
+    pub fn new(host: &str, port: u16) -> Self {
+        let id = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        NodeId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

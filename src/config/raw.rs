@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{LogFormat, Negotiation, SslMode};
+use super::LogFormat;
+use crate::tls::{Negotiation, SslMode};
 
 /// A humantime duration string such as `"5s"` or `"1m 30s"`.
 #[derive(Debug, Clone, Copy)]

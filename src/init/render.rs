@@ -10,7 +10,7 @@ use super::{InitError, METRICS_ADDR, Plan, PlannedNode, RegionSource, UNKNOWN_RE
 use crate::config::{DEFAULT_PATH, DEFAULT_PORT};
 
 pub(super) fn node_id(node: &PlannedNode) -> String {
-    crate::routing::NodeId::new(&node.host, node.port).to_string()
+    crate::config::NodeId::new(&node.host, node.port).to_string()
 }
 
 /// The connection string apps use to reach sqlgate: `postgresql://USER@localhost:26257/DB?sslmode=disable`.

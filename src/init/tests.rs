@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::config::SslMode;
+use crate::tls::SslMode;
 
 /// A temporary directory that is both cwd and `$HOME`, holding the CA as
 /// `ca.crt` and `.postgresql/root.crt`, and a client certificate and key.
@@ -277,7 +277,7 @@ fn carries_client_certificate_negotiation_timeout_and_listener() {
     };
     let generated = fx.generate(&request).expect("valid");
     let cfg = fx.load(&generated.config);
-    assert_eq!(cfg.upstream.negotiation, crate::config::Negotiation::Direct);
+    assert_eq!(cfg.upstream.negotiation, crate::tls::Negotiation::Direct);
     assert_eq!(
         cfg.upstream.connect_timeout,
         std::time::Duration::from_secs(2)

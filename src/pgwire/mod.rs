@@ -6,6 +6,8 @@
 //! - [`backend`]: the server's messages up to ReadyForQuery, with the two rewrites
 //!   sqlgate makes (AuthenticationSASL without `-PLUS`, BackendKeyData with a proxy
 //!   key).
+//! - [`startup`]: the server's startup flow as a sans-I/O state machine (bytes
+//!   in; bytes for the client and events out), which the session drives.
 //! - [`error`]: the ErrorResponse sqlgate sends to clients itself.
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
@@ -13,6 +15,7 @@
 pub mod backend;
 pub mod error;
 pub mod frontend;
+pub mod startup;
 
 /// Errors in bytes a peer sent during the startup phase.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -15,7 +15,6 @@ pub mod health;
 pub mod probe;
 pub mod select;
 
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::UNIX_EPOCH;
@@ -25,36 +24,11 @@ use tokio::sync::watch;
 
 pub use health::{NodeHealth, Observation, Prober, Thresholds};
 
-use crate::config::{HealthConfig, NodeConfig, RoutingConfig};
+use crate::config::{HealthConfig, NodeConfig, NodeId, RoutingConfig};
 use crate::metrics as m;
 
 /// At most this many nodes are dialed for one session before it fails.
 pub const MAX_ATTEMPTS: usize = 3;
-
-/// A node's identity: `host:port`, also its metric label.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(Arc<str>);
-
-impl NodeId {
-    pub fn new(host: &str, port: u16) -> Self {
-        let id = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        NodeId(id.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// Whether a node takes new sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

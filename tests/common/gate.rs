@@ -120,7 +120,7 @@ pub fn init_test_logging() {
 pub struct Sqlgate {
     pub addr: SocketAddr,
     pub config_path: PathBuf,
-    shutdown: CancellationToken,
+    shutdown: sqlgate::shutdown::Lifecycle,
     task: Option<tokio::task::JoinHandle<Result<(), sqlgate::DaemonError>>>,
     _dir: TempDir,
 }
@@ -144,8 +144,8 @@ impl Sqlgate {
         let addr = *addrs
             .first()
             .expect("the daemon reports its bound listener");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(daemon.run(shutdown.clone()));
+        let shutdown = daemon.lifecycle();
+        let task = tokio::spawn(daemon.run());
         Sqlgate {
             addr,
             config_path,
@@ -162,7 +162,7 @@ impl Sqlgate {
 
     /// Cancels the daemon and waits (bounded) for `run` to return `Ok`.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
+        self.shutdown.drain();
         let task = self.task.take().expect("stop is called once");
         let result = tokio::time::timeout(Duration::from_secs(30), task)
             .await
@@ -176,7 +176,7 @@ impl Sqlgate {
 
 impl Drop for Sqlgate {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.drain();
         if let Some(task) = self.task.take() {
             task.abort();
         }

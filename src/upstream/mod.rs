@@ -19,9 +19,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{Negotiation, NodeConfig, UpstreamConfig};
+pub mod advice;
+
+use crate::config::{NodeConfig, UpstreamConfig};
 use crate::pgwire::frontend::SSL_REQUEST_CODE;
-use crate::tls::{self, ALPN_POSTGRESQL};
+use crate::tls::{self, ALPN_POSTGRESQL, Negotiation};
 
 /// A verified TLS session to one node, ready for the StartupMessage.
 pub type UpstreamStream = TlsStream<TcpStream>;
