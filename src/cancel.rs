@@ -237,7 +237,13 @@ async fn send(target: &CancelTarget, cfg: &UpstreamConfig) -> Result<(), Upstrea
     let timeout = cfg.connect_timeout;
     let mut stream = tokio::time::timeout(
         timeout,
-        upstream::dial(&target.node, target.addr, cfg.negotiation, &cfg.tls),
+        upstream::dial(
+            &target.node,
+            target.addr,
+            cfg.negotiation,
+            &cfg.tls,
+            cfg.tcp_user_timeout,
+        ),
     )
     .await
     .map_err(|_| UpstreamError::Timeout(timeout))??;

@@ -46,6 +46,84 @@ pub const CONFIG_RELOADS_TOTAL: &str = "sqlgate_config_reloads_total";
 /// `node`.
 pub const UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
     "sqlgate_upstream_cert_expiry_timestamp_seconds";
+/// `node`, `reason`: a node refused a session before authentication and the
+/// session moved on to the next candidate.
+pub const STARTUP_RETRIES_TOTAL: &str = "sqlgate_startup_retries_total";
+
+/// `direction` of `sqlgate_bytes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ToUpstream,
+    ToClient,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ToUpstream => "to_upstream",
+            Direction::ToClient => "to_client",
+        }
+    }
+}
+
+/// Counts a session in `sqlgate_sessions_active` for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveSession(());
+
+impl ActiveSession {
+    pub fn start() -> ActiveSession {
+        metrics::gauge!(SESSIONS_ACTIVE).increment(1.0);
+        ActiveSession(())
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!(SESSIONS_ACTIVE).decrement(1.0);
+    }
+}
+
+/// `reason` of `sqlgate_startup_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// 57P01: shutting down, or a CockroachDB node draining.
+    Draining,
+    /// 57P02, 57P03: crash restart, starting up, in recovery.
+    StartingUp,
+    /// 53300.
+    TooManyConnections,
+    /// An ErrorResponse in reply to SSLRequest.
+    RefusedTls,
+}
+
+impl RetryReason {
+    pub const ALL: [RetryReason; 4] = [
+        RetryReason::Draining,
+        RetryReason::StartingUp,
+        RetryReason::TooManyConnections,
+        RetryReason::RefusedTls,
+    ];
+
+    /// The reason for a refusal with SQLSTATE `code` (`None` when a refusal
+    /// with that code is not retried).
+    pub fn from_sqlstate(code: &str) -> Option<RetryReason> {
+        match code {
+            "57P01" => Some(RetryReason::Draining),
+            "57P02" | "57P03" => Some(RetryReason::StartingUp),
+            "53300" => Some(RetryReason::TooManyConnections),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Draining => "draining",
+            RetryReason::StartingUp => "starting_up",
+            RetryReason::TooManyConnections => "too_many_connections",
+            RetryReason::RefusedTls => "refused_tls",
+        }
+    }
+}
 
 /// `outcome` of `sqlgate_client_connections_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +271,10 @@ fn describe() {
         Unit::Seconds,
         "When the node's certificate expires (Unix time)."
     );
+    describe_counter!(
+        STARTUP_RETRIES_TOTAL,
+        "Sessions moved to another node because a node refused them before authentication, by node and reason."
+    );
     metrics::gauge!(SESSIONS_ACTIVE).increment(0.0);
     for outcome in [ReloadOutcome::Ok, ReloadOutcome::Error] {
         metrics::counter!(CONFIG_RELOADS_TOTAL, "outcome" => outcome.as_str()).increment(0);
@@ -322,6 +404,33 @@ impl Exporter {
     }
 }
 
+/// Node ids removed from the config by a reload: their series are no longer
+/// exported (the recorder cannot forget a series, so the rendering skips them).
+static RETIRED_NODES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Stops exporting the series labelled `node="<node>"` (a node a reload
+/// removed), or starts again when `retired` is false (a node added back).
+pub fn retire_node(node: &str, retired: bool) {
+    let mut nodes = RETIRED_NODES.lock().unwrap_or_else(PoisonError::into_inner);
+    nodes.retain(|n| n != node);
+    if retired {
+        nodes.push(node.to_owned());
+    }
+}
+
+/// The exposition text without the series of retired nodes.
+fn without_retired(text: &str) -> String {
+    let nodes = RETIRED_NODES.lock().unwrap_or_else(PoisonError::into_inner);
+    if nodes.is_empty() {
+        return text.to_owned();
+    }
+    let labels: Vec<String> = nodes.iter().map(|n| format!("node=\"{n}\"")).collect();
+    text.lines()
+        .filter(|line| line.starts_with('#') || !labels.iter().any(|l| line.contains(l.as_str())))
+        .flat_map(|line| [line, "\n"])
+        .collect()
+}
+
 /// One HTTP answer; pure apart from rendering the registry.
 fn respond(
     request: &Request<Incoming>,
@@ -333,7 +442,8 @@ fn respond(
     }
     match request.uri().path() {
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+            let mut response =
+                Response::new(Full::new(Bytes::from(without_retired(&handle.render()))));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));
@@ -362,4 +472,27 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_retired_nodes_are_not_exported() {
+        let text = "# TYPE sqlgate_node_up gauge\nsqlgate_node_up{node=\"gone:1\",region=\"a\"} 1\nsqlgate_node_up{node=\"kept:1\",region=\"a\"} 1\n";
+        retire_node("gone:1", true);
+        let shown = without_retired(text);
+        retire_node("gone:1", false);
+        assert!(!shown.contains("gone:1"), "{shown}");
+        assert!(
+            shown.contains("kept:1") && shown.contains("# TYPE"),
+            "{shown}"
+        );
+        assert_eq!(
+            without_retired(text),
+            text,
+            "a node added back is shown again"
+        );
+    }
 }

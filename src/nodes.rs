@@ -183,6 +183,7 @@ fn nearest_region(reports: &[NodeReport]) -> Option<&str> {
             },
             rtt: r.result.as_ref().ok().map(|ok| ok.rtt),
             load: 0,
+            draining: false,
             tiebreak: 0,
         })
         .collect();

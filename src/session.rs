@@ -16,11 +16,12 @@ use tracing::Instrument;
 use crate::allowlist::Allowlist;
 use crate::cancel::{CancelOutcome, CancelTable, CancelTarget, Registration};
 use crate::config::Config;
-use crate::metrics::{self as m, ConnectionOutcome};
+use crate::metrics::{self as m, ConnectionOutcome, Direction, RetryReason};
 use crate::pgwire::ProtocolError;
-use crate::pgwire::backend::{self, BackendKeyData, tag};
+use crate::pgwire::backend::BackendKeyData;
 use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
+use crate::pgwire::startup::{Event, FirstAnswer, ServerError, StartupRelay};
 use crate::relay::{self, Transferred};
 use crate::routing::{self, Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
@@ -68,17 +69,21 @@ pub enum SessionError {
     StartupTimeout(std::time::Duration),
     #[error("daemon is shutting down")]
     ShuttingDown,
-    #[error("no node reachable: {}", describe_failures(.0))]
-    NoNode(Vec<(Arc<Node>, UpstreamError)>),
+    #[error("no node took the session: {}", describe_failures(.0))]
+    NoNode(Vec<(Arc<Node>, Attempt)>),
     #[error("server broke the protocol during startup: {0}")]
     Upstream(ProtocolError),
+    #[error("node {node} {what}")]
+    StartupBroken { node: String, what: String },
+    #[error("the node refused the session: {} {}", .0.code, .0.message)]
+    ServerRefused(ServerError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("session closed by sqlgate (allowlist changed or shutdown)")]
     Killed,
 }
 
-fn describe_failures(failures: &[(Arc<Node>, UpstreamError)]) -> String {
+fn describe_failures(failures: &[(Arc<Node>, Attempt)]) -> String {
     if failures.is_empty() {
         return "no nodes configured".into();
     }
@@ -112,7 +117,10 @@ impl SessionError {
                 "sqlgate: the proxy is shutting down; reconnect in a moment".to_owned(),
             ),
             SessionError::NoNode(failures) => {
-                let all_tls = !failures.is_empty() && failures.iter().all(|(_, e)| e.is_tls());
+                let all_tls = !failures.is_empty()
+                    && failures
+                        .iter()
+                        .all(|(_, e)| matches!(e, Attempt::Dial(e) if e.is_tls()));
                 let code = if all_tls {
                     SqlState::REJECTED_ESTABLISHMENT
                 } else {
@@ -129,6 +137,12 @@ impl SessionError {
                 SqlState::CONNECTION_FAILURE,
                 format!("sqlgate: the cluster node broke the protocol: {e}"),
             ),
+            SessionError::StartupBroken { node, what } => (
+                SqlState::CONNECTION_FAILURE,
+                format!("sqlgate: cluster node {node} {what}; reconnect to be sent to a healthy node"),
+            ),
+            // The server's own ErrorResponse has been relayed already.
+            SessionError::ServerRefused(_) => return None,
         };
         Some((code, text))
     }
@@ -214,26 +228,33 @@ where
     };
     m::client_connection(&ctx.listener, ConnectionOutcome::Accepted);
 
-    // select + connect
-    let (node, connection) = match Box::pin(connect_nearest(&ctx)).await {
-        Ok(found) => found,
+    // select + connect: the StartupMessage goes to each candidate until one
+    // takes the session.
+    let mut startup = startup;
+    if let Some(options) = &ctx.config.upstream.options {
+        startup.append_options(options);
+    }
+    let mut first_flight = startup.encode();
+    first_flight.extend_from_slice(&client_leftover);
+    let opened = match Box::pin(open(&ctx, &first_flight)).await {
+        Ok(opened) => opened,
         Err(e) => return reject(&ctx, &mut client, e).await,
     };
+    drop(first_flight);
     let span = tracing::Span::current();
-    span.record("node", node.id().as_str());
-    span.record("region", node.config.region.as_str());
-    let _active = ctx.router.session_started(&node);
-    metrics::gauge!(m::SESSIONS_ACTIVE).increment(1.0);
-    let (moved, result) = Box::pin(proxy(
-        &ctx,
-        &mut client,
-        connection,
-        &node,
-        startup,
-        client_leftover,
-    ))
-    .await;
-    metrics::gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
+    span.record("node", opened.node.id().as_str());
+    span.record("region", opened.node.config.region.as_str());
+    let _on_node = ctx.router.session_started(&opened.node);
+    let _active = m::ActiveSession::start();
+    let (moved, result) = Box::pin(proxy(&ctx, &mut client, opened)).await;
+    drop(_active);
+    if let Err(e @ SessionError::StartupBroken { .. }) = &result
+        && let Some((code, text)) = e.client_error()
+    {
+        // The client is still in its startup: it gets an error, not a bare close.
+        let _ = client.write_all(&fatal(code, &text)).await;
+        let _ = client.shutdown().await;
+    }
 
     // report
     let duration = started.elapsed();
@@ -286,14 +307,50 @@ where
     }
 }
 
-/// Tries candidates best first, at most [`routing::MAX_ATTEMPTS`] of them, until
-/// one completes a verified TLS handshake; each attempt is bounded by
-/// `connect_timeout`. Every outcome is reported to the router, so failed
-/// dials count towards marking a node down.
-async fn connect_nearest(
-    ctx: &SessionContext,
-) -> Result<(Arc<Node>, upstream::Connection), SessionError> {
+/// A node that took the session: connected, StartupMessage sent, and its
+/// first answer was not a refusal.
+struct Opened {
+    node: Arc<Node>,
+    connection: upstream::Connection,
+    /// Holds the node's first answer, not yet relayed.
+    relay: StartupRelay,
+    /// StartupMessage (and what the client pipelined behind it) sent.
+    sent: u64,
+}
+
+/// Why one candidate node did not take the session.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The dial failed (TCP, TLS, certificate).
+    Dial(UpstreamError),
+    /// The node refused the session before authentication (draining,
+    /// starting up, full).
+    Refused(ServerError),
+    /// The node closed, broke the protocol or said nothing after TLS, before
+    /// its first answer.
+    NoAnswer(String),
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Dial(e) => write!(f, "{e}"),
+            Attempt::Refused(e) => write!(f, "refused the session: {} {}", e.code, e.message),
+            Attempt::NoAnswer(what) => f.write_str(what),
+        }
+    }
+}
+
+/// Tries candidates best first, at most [`routing::MAX_ATTEMPTS`] of them,
+/// until one completes a verified TLS handshake and answers the
+/// StartupMessage with anything but a refusal. Each dial is bounded by
+/// `connect_timeout`, each wait for the first answer by
+/// `upstream.startup_timeout`. Nothing of the session has happened on a node
+/// that refused it, so the client never sees the refusal. Every outcome is
+/// reported to the router.
+async fn open(ctx: &SessionContext, startup: &[u8]) -> Result<Opened, SessionError> {
     let mut failures = Vec::new();
+    let upstream_cfg = &ctx.config.upstream;
     for node in ctx
         .router
         .candidates()
@@ -301,67 +358,151 @@ async fn connect_nearest(
         .take(routing::MAX_ATTEMPTS)
     {
         let _dialing = ctx.router.dial_started(&node);
-        match upstream::connect(&node.config, &ctx.config.upstream).await {
-            Ok(connection) => {
-                ctx.router.dial_succeeded(&node);
-                metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS, "node" => node.id().to_string())
-                    .record(connection.elapsed.as_secs_f64());
-                return Ok((node, connection));
-            }
+        let mut connection = match upstream::connect(&node.config, upstream_cfg).await {
+            Ok(connection) => connection,
             Err(e) => {
-                metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "node" => node.id().to_string(), "kind" => e.kind().as_str())
-                    .increment(1);
-                let reason = e.advice(&ctx.config.upstream.ca_file);
-                tracing::warn!(node = %node.id(), region = %node.config.region, error = %reason, "cannot open session to node");
-                ctx.router.dial_failed(&node, &reason);
-                failures.push((node, e));
+                node.metrics.upstream_error(e.kind());
+                let reason = e.advice(&upstream_cfg.ca_file);
+                if matches!(e, UpstreamError::TlsRefused('E')) {
+                    // An ErrorResponse in reply to SSLRequest: the node is up
+                    // but will not take sessions now.
+                    node.metrics.startup_retry(RetryReason::RefusedTls);
+                    ctx.router.node_refused(&node, &reason);
+                } else {
+                    tracing::warn!(node = %node.id(), region = %node.config.region, error = %reason, "cannot open session to node");
+                    ctx.router.dial_failed(&node, &reason);
+                }
+                failures.push((node, Attempt::Dial(e)));
+                continue;
+            }
+        };
+        ctx.router.dial_succeeded(&node);
+        node.metrics
+            .connect_seconds
+            .record(connection.elapsed.as_secs_f64());
+        let mut relay = StartupRelay::new();
+        let answer = tokio::time::timeout(
+            upstream_cfg.startup_timeout,
+            first_answer(&mut connection.stream, &mut relay, startup),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "did not answer the StartupMessage within {}",
+                humantime::format_duration(upstream_cfg.startup_timeout)
+            ))
+        });
+        match answer {
+            Ok(FirstAnswer::Taken) => {
+                ctx.router.node_accepted(&node);
+                return Ok(Opened {
+                    node,
+                    connection,
+                    relay,
+                    sent: startup.len() as u64,
+                });
+            }
+            Ok(FirstAnswer::Refused(e)) => {
+                let reason = RetryReason::from_sqlstate(&e.code).unwrap_or(RetryReason::Draining);
+                node.metrics.startup_retry(reason);
+                ctx.router
+                    .node_refused(&node, &format!("{} {}", e.code, e.message));
+                tracing::debug!(node = %node.id(), code = %e.code, "node refused the session before authentication; trying the next one");
+                failures.push((node, Attempt::Refused(e)));
+            }
+            Ok(FirstAnswer::Pending) | Err(_) => {
+                let what = match answer {
+                    Err(what) => what,
+                    _ => "closed the connection before answering the StartupMessage".to_owned(),
+                };
+                node.metrics.upstream_error(upstream::ErrorKind::Reset);
+                tracing::warn!(node = %node.id(), region = %node.config.region, error = %what, "node did not answer the session");
+                ctx.router.dial_failed(&node, &what);
+                failures.push((node, Attempt::NoAnswer(what)));
             }
         }
     }
     Err(SessionError::NoNode(failures))
 }
 
+/// Sends the StartupMessage and reads until the node's first answer is whole
+/// (or it closes: `Pending`).
+async fn first_answer(
+    upstream: &mut UpstreamStream,
+    relay: &mut StartupRelay,
+    startup: &[u8],
+) -> Result<FirstAnswer, String> {
+    let io = |e: std::io::Error| format!("connection failed before the first answer: {e}");
+    upstream.write_all(startup).await.map_err(io)?;
+    upstream.flush().await.map_err(io)?;
+    loop {
+        match relay.first_answer() {
+            Ok(FirstAnswer::Pending) => {}
+            Ok(answer) => return Ok(answer),
+            Err(e) => return Err(format!("broke the protocol: {e}")),
+        }
+        if upstream.read_buf(relay.buffer()).await.map_err(io)? == 0 {
+            return Ok(FirstAnswer::Pending);
+        }
+    }
+}
+
 /// Startup relay, then byte relay. Bytes are counted as they pass.
 async fn proxy<S>(
     ctx: &SessionContext,
     client: &mut S,
-    connection: upstream::Connection,
-    node: &Arc<Node>,
-    mut startup: StartupMessage,
-    client_leftover: BytesMut,
+    opened: Opened,
 ) -> (Transferred, Result<(), SessionError>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let Opened {
+        node,
+        connection,
+        relay,
+        sent,
+    } = opened;
     let upstream::Connection {
         stream: mut upstream,
         addr,
         ..
     } = connection;
-    if let Some(options) = &ctx.config.upstream.options {
-        startup.append_options(options);
-    }
-    let sent = async {
-        upstream.write_all(&startup.encode()).await?;
-        upstream.write_all(&client_leftover).await?;
-        upstream.flush().await
-    };
-    if let Err(e) = sent.await {
-        return (Transferred::default(), Err(e.into()));
-    }
-
     let target = |server_key| CancelTarget {
         node: node.config.clone(),
         addr,
         server_key,
     };
+    let mut in_startup = Transferred {
+        to_upstream: sent,
+        to_client: 0,
+    };
+    let deadline = ctx.config.upstream.startup_timeout;
     let startup_result = tokio::select! {
-        r = startup_relay(ctx, client, &mut upstream, target) => r,
+        r = tokio::time::timeout(deadline, startup_relay(ctx, client, &mut upstream, relay, target, &mut in_startup)) => {
+            r.unwrap_or_else(|_| Err(SessionError::StartupBroken {
+                node: node.id().to_string(),
+                what: format!("did not finish the startup within {} (upstream.startup_timeout)", humantime::format_duration(deadline)),
+            }))
+        }
         () = ctx.killed() => Err(SessionError::Killed),
     };
-    let (in_startup, registration) = match startup_result {
-        Ok(done) => done,
-        Err(e) => return (Transferred::default(), Err(e)),
+    let registration = match startup_result {
+        Ok(registration) => registration,
+        Err(SessionError::Upstream(e)) => {
+            let e = SessionError::StartupBroken {
+                node: node.id().to_string(),
+                what: format!("broke the protocol: {e}"),
+            };
+            return (count_bytes(in_startup), Err(e));
+        }
+        Err(SessionError::StartupBroken { what, .. }) => {
+            let e = SessionError::StartupBroken {
+                node: node.id().to_string(),
+                what,
+            };
+            return (count_bytes(in_startup), Err(e));
+        }
+        Err(e) => return (count_bytes(in_startup), Err(e)),
     };
 
     let mut relayed = Transferred::default();
@@ -374,6 +515,9 @@ where
         Some(Err(e)) => {
             // A reset or broken pipe mid-session: the session is over either way.
             tracing::debug!(error = %e, "relay ended with an error");
+            if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
+                node.metrics.upstream_error(upstream::ErrorKind::Timeout);
+            }
             Ok(())
         }
         None => {
@@ -387,72 +531,94 @@ where
         to_upstream: relayed.to_upstream + in_startup.to_upstream,
         to_client: relayed.to_client + in_startup.to_client,
     };
-    metrics::counter!(m::BYTES_TOTAL, "direction" => "to_upstream").increment(total.to_upstream);
-    metrics::counter!(m::BYTES_TOTAL, "direction" => "to_client").increment(total.to_client);
-    (total, result)
+    (count_bytes(total), result)
+}
+
+/// Adds a session's bytes to `sqlgate_bytes_total`.
+fn count_bytes(moved: Transferred) -> Transferred {
+    metrics::counter!(m::BYTES_TOTAL, "direction" => Direction::ToUpstream.as_str())
+        .increment(moved.to_upstream);
+    metrics::counter!(m::BYTES_TOTAL, "direction" => Direction::ToClient.as_str())
+        .increment(moved.to_client);
+    moved
 }
 
 /// Relays the server's startup messages to the client until ReadyForQuery,
-/// rewriting AuthenticationSASL and BackendKeyData, while the client's answers
-/// (SASL responses, passwords) flow to the server at the same time.
+/// rewriting AuthenticationSASL and BackendKeyData (see
+/// [`StartupRelay`]), while the client's answers (SASL responses, passwords)
+/// flow to the server at the same time. Bytes are counted in `moved` as they
+/// pass.
 async fn startup_relay<S>(
     ctx: &SessionContext,
     client: &mut S,
     upstream: &mut UpstreamStream,
+    mut relay: StartupRelay,
     target: impl Fn(BackendKeyData) -> CancelTarget,
-) -> Result<(Transferred, Option<Registration>), SessionError>
+    moved: &mut Transferred,
+) -> Result<Option<Registration>, SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut from_server = BytesMut::with_capacity(4096);
     let mut from_client = BytesMut::with_capacity(1024);
     let mut out = Vec::with_capacity(4096);
-    let mut moved = Transferred::default();
     let mut registration = None;
+    let mut server_error: Option<ServerError> = None;
+    // The node's first answer is already in the relay's buffer.
+    let mut have_bytes = true;
     loop {
-        tokio::select! {
-            read = upstream.read_buf(&mut from_server) => {
-                if read? == 0 {
-                    // The server closed (e.g. after an authentication error,
-                    // already relayed to the client).
-                    client.write_all(&out).await?;
-                    return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-                let mut ready = false;
-                while let Some(msg) = backend::split_message(&mut from_server).map_err(SessionError::Upstream)? {
-                    match msg.tag {
-                        tag::AUTHENTICATION if backend::auth_code(&msg.body) == Some(backend::AUTH_SASL) => {
-                            match backend::strip_scram_plus(&msg.body).map_err(SessionError::Upstream)? {
-                                Some(body) => backend::Message { tag: msg.tag, body: body.into() }.encode_into(&mut out),
-                                None => msg.encode_into(&mut out),
-                            }
-                        }
-                        tag::BACKEND_KEY_DATA => {
-                            let server_key = BackendKeyData::parse(&msg.body).map_err(SessionError::Upstream)?;
-                            let (proxy_key, reg) = ctx.cancels.register(target(server_key));
-                            registration = Some(reg);
-                            backend::Message { tag: msg.tag, body: proxy_key.body().into() }.encode_into(&mut out);
-                        }
-                        tag::READY_FOR_QUERY => {
-                            msg.encode_into(&mut out);
-                            ready = true;
-                            break;
-                        }
-                        _ => msg.encode_into(&mut out),
+        if have_bytes {
+            let mut ready = false;
+            while let Some(event) = relay.next(&mut out).map_err(SessionError::Upstream)? {
+                match event {
+                    Event::ServerKey(server_key) => {
+                        let (proxy_key, reg) = ctx.cancels.register(target(server_key));
+                        registration = Some(reg);
+                        StartupRelay::write_key(&mut out, &proxy_key);
                     }
+                    Event::Error(e) => server_error = Some(e),
+                    Event::Ready(_) => {
+                        ready = true;
+                        break;
+                    }
+                    _ => {}
                 }
-                if ready {
-                    // Anything the server sent after ReadyForQuery goes on verbatim.
-                    out.extend_from_slice(&from_server);
+            }
+            if ready {
+                // Anything the server sent after ReadyForQuery goes on verbatim.
+                out.extend_from_slice(&std::mem::take(&mut relay).into_rest());
+            }
+            client.write_all(&out).await?;
+            moved.to_client += out.len() as u64;
+            out.clear();
+            if ready {
+                upstream.write_all(&from_client).await?;
+                moved.to_upstream += from_client.len() as u64;
+                return Ok(registration);
+            }
+            have_bytes = false;
+        }
+        tokio::select! {
+            read = upstream.read_buf(relay.buffer()) => {
+                // A close without TLS close_notify is a close here too.
+                let read = match read {
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                    Err(e) => Err(SessionError::StartupBroken {
+                        node: String::new(),
+                        what: format!("broke the connection during the startup: {e}"),
+                    }),
+                    ok => ok.map_err(SessionError::Io),
+                };
+                if read? == 0 {
+                    return Err(match server_error.take() {
+                        // Already relayed to the client (e.g. 28P01): say it in the log.
+                        Some(e) => SessionError::ServerRefused(e),
+                        None => SessionError::StartupBroken {
+                            node: String::new(),
+                            what: "closed the connection during the startup".to_owned(),
+                        },
+                    });
                 }
-                client.write_all(&out).await?;
-                moved.to_client += out.len() as u64;
-                out.clear();
-                if ready {
-                    upstream.write_all(&from_client).await?;
-                    moved.to_upstream += from_client.len() as u64;
-                    return Ok((moved, registration));
-                }
+                have_bytes = true;
             }
             read = client.read_buf(&mut from_client) => {
                 if read? == 0 {

@@ -87,6 +87,11 @@ pub struct UpstreamConfig {
     pub sslmode: SslMode,
     pub negotiation: Negotiation,
     pub connect_timeout: Duration,
+    /// StartupMessage forwarded → ReadyForQuery, else FATAL 08006.
+    pub startup_timeout: Duration,
+    /// TCP_USER_TIMEOUT on node sockets: unacknowledged data for this long
+    /// ends the connection (a node that vanished without FIN or RST).
+    pub tcp_user_timeout: Duration,
     /// Appended to each session's `options` startup parameter.
     pub options: Option<String>,
     /// Built once from the PEM files; shared by every session and probe.
@@ -243,17 +248,20 @@ impl Config {
             };
             err(span, e.to_string())
         })?;
-        let connect_timeout = up.connect_timeout.map_or(Duration::from_secs(5), |d| d.0);
-        if connect_timeout.is_zero() {
-            return Err(err(
-                None,
-                "upstream.connect_timeout must be above zero".into(),
-            ));
-        }
+        let positive =
+            |value: Option<Spanned<raw::HumanDuration>>, default: u64, name: &str| match value {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) if v.get_ref().0.is_zero() => {
+                    Err(err(Some(v.span()), format!("{name} must be above zero")))
+                }
+                Some(v) => Ok(v.into_inner().0),
+            };
         let upstream = UpstreamConfig {
             sslmode,
             negotiation,
-            connect_timeout,
+            connect_timeout: positive(up.connect_timeout, 5, "upstream.connect_timeout")?,
+            startup_timeout: positive(up.startup_timeout, 30, "upstream.startup_timeout")?,
+            tcp_user_timeout: positive(up.tcp_user_timeout, 60, "upstream.tcp_user_timeout")?,
             options: up.options.filter(|o| !o.trim().is_empty()),
             tls,
             ca_file,
@@ -308,24 +316,34 @@ impl Config {
         }
 
         let h = raw.health;
+        let at_least_one = |value: Option<Spanned<u32>>, default: u32, name: &str| match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() == 0 => {
+                Err(err(Some(v.span()), format!("{name} must be at least 1")))
+            }
+            Some(v) => Ok(v.into_inner()),
+        };
         let health = HealthConfig {
-            interval: h.interval.map_or(Duration::from_secs(2), |d| d.0),
-            timeout: h.timeout.map_or(Duration::from_secs(1), |d| d.0),
-            unhealthy_after: h.unhealthy_after.unwrap_or(2).max(1),
-            healthy_after: h.healthy_after.unwrap_or(1).max(1),
+            interval: positive(h.interval, 2, "health.interval")?,
+            timeout: positive(h.timeout, 1, "health.timeout")?,
+            unhealthy_after: at_least_one(h.unhealthy_after, 2, "health.unhealthy_after")?,
+            healthy_after: at_least_one(h.healthy_after, 1, "health.healthy_after")?,
             http_port: h.http_port,
         };
-        if health.interval.is_zero() || health.timeout.is_zero() {
-            return Err(err(
-                None,
-                "health.interval and health.timeout must be above zero".into(),
-            ));
-        }
 
         let l = raw.limits;
         let limits = Limits {
-            max_connections: l.max_connections.unwrap_or(10_000),
-            startup_timeout: l.startup_timeout.map_or(Duration::from_secs(10), |d| d.0),
+            max_connections: match l.max_connections {
+                None => 10_000,
+                Some(v) if *v.get_ref() == 0 => {
+                    return Err(err(
+                        Some(v.span()),
+                        "limits.max_connections must be at least 1".into(),
+                    ));
+                }
+                Some(v) => v.into_inner(),
+            },
+            startup_timeout: positive(l.startup_timeout, 10, "limits.startup_timeout")?,
             shutdown_grace: l.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
             workers: l
                 .workers
@@ -338,18 +356,6 @@ impl Config {
             return Err(err(
                 Some(w.span()),
                 format!("limits.workers must be between 1 and {MAX_WORKERS}"),
-            ));
-        }
-        if limits.max_connections == 0 {
-            return Err(err(
-                None,
-                "limits.max_connections must be at least 1".into(),
-            ));
-        }
-        if limits.startup_timeout.is_zero() {
-            return Err(err(
-                None,
-                "limits.startup_timeout must be above zero".into(),
             ));
         }
 

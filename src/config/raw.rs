@@ -62,7 +62,9 @@ pub(super) struct RawUpstream {
     pub(super) client_key_file: Option<Spanned<PathBuf>>,
     pub(super) sslmode: Option<SslMode>,
     pub(super) negotiation: Option<Negotiation>,
-    pub(super) connect_timeout: Option<HumanDuration>,
+    pub(super) connect_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) startup_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) tcp_user_timeout: Option<Spanned<HumanDuration>>,
     pub(super) options: Option<String>,
 }
 
@@ -84,18 +86,18 @@ pub(super) struct RawNode {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
-    pub(super) interval: Option<HumanDuration>,
-    pub(super) timeout: Option<HumanDuration>,
-    pub(super) unhealthy_after: Option<u32>,
-    pub(super) healthy_after: Option<u32>,
+    pub(super) interval: Option<Spanned<HumanDuration>>,
+    pub(super) timeout: Option<Spanned<HumanDuration>>,
+    pub(super) unhealthy_after: Option<Spanned<u32>>,
+    pub(super) healthy_after: Option<Spanned<u32>>,
     pub(super) http_port: Option<u16>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
-    pub(super) max_connections: Option<usize>,
-    pub(super) startup_timeout: Option<HumanDuration>,
+    pub(super) max_connections: Option<Spanned<usize>>,
+    pub(super) startup_timeout: Option<Spanned<HumanDuration>>,
     pub(super) shutdown_grace: Option<HumanDuration>,
     pub(super) workers: Option<Spanned<usize>>,
 }

@@ -85,6 +85,26 @@ fn reports_errors_with_file_and_line() {
             12,
             "limits.workers must be between 1 and 256",
         ),
+        (
+            format!("{BASE}\n[health]\nunhealthy_after = 0\n"),
+            11,
+            "health.unhealthy_after must be at least 1",
+        ),
+        (
+            format!("{BASE}\n[health]\nhealthy_after = 1\ninterval = \"0s\"\n"),
+            12,
+            "health.interval must be above zero",
+        ),
+        (
+            BASE.replace("[upstream]\n", "[upstream]\nstartup_timeout = \"0s\"\n"),
+            3,
+            "upstream.startup_timeout must be above zero",
+        ),
+        (
+            format!("{BASE}\n[limits]\nmax_connections = 0\n"),
+            11,
+            "limits.max_connections must be at least 1",
+        ),
     ];
     assert!(!cases.is_empty());
     for (text, line, needle) in cases {

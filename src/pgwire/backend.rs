@@ -21,6 +21,7 @@ pub mod tag {
     pub const READY_FOR_QUERY: u8 = b'Z';
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const PARAMETER_STATUS: u8 = b'S';
+    pub const NOTICE_RESPONSE: u8 = b'N';
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }
 

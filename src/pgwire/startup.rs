@@ -130,6 +130,18 @@ pub enum Event {
     Ready(TransactionStatus),
 }
 
+/// See [`StartupRelay::first_answer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstAnswer {
+    /// Not a whole answer yet.
+    Pending,
+    /// The node refused before the session began: try another node.
+    Refused(ServerError),
+    /// The node took the session (or refused it for good, e.g. an unknown
+    /// database): relay as usual.
+    Taken,
+}
+
 /// The server's startup flow, message by message.
 #[derive(Debug)]
 pub struct StartupRelay {
@@ -241,6 +253,48 @@ impl StartupRelay {
             }
         };
         Ok(Some(event))
+    }
+
+    /// Looks at the server's first answer without taking it: whether the node
+    /// refused the session before it began (an ErrorResponse that
+    /// [`ServerError::is_node_unavailable`], possibly after notices or a
+    /// NegotiateProtocolVersion), took it (anything else), or has not
+    /// answered in full yet. A refusal is taken from the buffer; nothing is
+    /// taken otherwise.
+    ///
+    /// # Errors
+    /// A malformed length or ErrorResponse.
+    pub fn first_answer(&mut self) -> Result<FirstAnswer, ProtocolError> {
+        if self.phase != StartupPhase::AwaitingFirst {
+            return Ok(FirstAnswer::Taken);
+        }
+        let mut at = 0;
+        loop {
+            let Some(header) = self.from_server.get(at..at + 5) else {
+                return Ok(FirstAnswer::Pending);
+            };
+            let tag = header[0];
+            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+            if !(4..=backend::MAX_STARTUP_MESSAGE).contains(&len) {
+                return Err(ProtocolError::Malformed("server message length"));
+            }
+            let end = at + 1 + len as usize;
+            let Some(body) = self.from_server.get(at + 5..end) else {
+                return Ok(FirstAnswer::Pending);
+            };
+            match tag {
+                tag::NOTICE_RESPONSE | tag::NEGOTIATE_PROTOCOL_VERSION => at = end,
+                tag::ERROR_RESPONSE => {
+                    let error = ServerError::parse(body, true)?;
+                    if !error.is_node_unavailable() {
+                        return Ok(FirstAnswer::Taken);
+                    }
+                    let _ = self.from_server.split_to(end);
+                    return Ok(FirstAnswer::Refused(error));
+                }
+                _ => return Ok(FirstAnswer::Taken),
+            }
+        }
     }
 
     /// Writes the BackendKeyData the client gets in place of the server's.
@@ -487,6 +541,60 @@ mod tests {
             relay.into_rest().as_ref(),
             error("XX000", "not startup any more")
         );
+    }
+
+    #[test]
+    fn the_first_answer_says_whether_to_move_to_another_node() {
+        let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
+            (
+                error("57P01", "server is not accepting clients, try another node"),
+                Some("57P01"),
+            ),
+            (
+                error("57P03", "the database system is starting up"),
+                Some("57P03"),
+            ),
+            (
+                error("53300", "sorry, too many clients already"),
+                Some("53300"),
+            ),
+            (
+                [
+                    message(b'v', &[0, 0, 0, 2, 0, 0, 0, 0]),
+                    error("57P03", "shutting down"),
+                ]
+                .concat(),
+                Some("57P03"),
+            ),
+            (error("3D000", "database \"nope\" does not exist"), None),
+            (auth(10, b"SCRAM-SHA-256\0\0"), None),
+            (auth(0, b""), None),
+        ];
+        assert!(!cases.is_empty());
+        for (wire, refused) in cases {
+            let mut relay = StartupRelay::new();
+            for (i, b) in wire.iter().enumerate() {
+                if i + 1 < wire.len() {
+                    relay.receive(&[*b]);
+                    assert_eq!(
+                        relay.first_answer(),
+                        Ok(FirstAnswer::Pending),
+                        "{wire:?} at {i}"
+                    );
+                }
+            }
+            relay.receive(&wire[wire.len() - 1..]);
+            match (relay.first_answer().expect("valid"), refused) {
+                (FirstAnswer::Refused(e), Some(code)) => {
+                    assert_eq!(e.code, code);
+                    assert!(relay.buffer().is_empty(), "the refusal is taken");
+                }
+                (FirstAnswer::Taken, None) => {
+                    assert_eq!(relay.buffer().as_ref(), wire, "nothing taken")
+                }
+                (got, want) => panic!("{wire:?}: {got:?}, want {want:?}"),
+            }
+        }
     }
 
     proptest::proptest! {

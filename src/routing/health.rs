@@ -10,10 +10,22 @@
 //! - the RTT is an exponentially weighted moving average ([`RTT_WEIGHT`] on
 //!   each new sample) of probe times passed through a median of the last
 //!   [`SPIKE_WINDOW`] probes, so that one slow probe (a retransmit, a busy
-//!   node) does not move sessions to another region.
+//!   node) does not move sessions to another region;
+//! - probe evidence and session evidence are kept apart: a session's good dial
+//!   only decides a node that has no result yet, and never clears a failing
+//!   probe streak (a node whose readiness probe fails is out, however many
+//!   sessions it still takes);
+//! - a node that refused a session before authentication (57P01 draining,
+//!   57P03 starting up, 53300 full …) is *draining*: it gets no new sessions
+//!   for a hold-off of twice `health.interval`; after that, the next session
+//!   is its trial: accepted, the node is back; refused again, the hold-off
+//!   starts over. The TLS probe is no evidence here (a draining CockroachDB
+//!   node still completes TLS); a failing readiness probe takes it down.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +45,8 @@ pub const SPIKE_WINDOW: usize = 3;
 pub struct Thresholds {
     pub unhealthy_after: u32,
     pub healthy_after: u32,
+    /// How long a node that refused a session gets no new ones.
+    pub drain_hold_off: Duration,
 }
 
 impl Thresholds {
@@ -40,6 +54,7 @@ impl Thresholds {
         Thresholds {
             unhealthy_after: health.unhealthy_after.max(1),
             healthy_after: health.healthy_after.max(1),
+            drain_hold_off: health.interval.saturating_mul(2),
         }
     }
 }
@@ -54,6 +69,10 @@ pub enum Observation {
     },
     /// A session's dial completed its verified TLS handshake.
     DialOk,
+    /// The node refused a session before authentication (why, and when).
+    Refused { reason: Arc<str>, at: Instant },
+    /// The node took a session: it asked for authentication.
+    Accepted,
     /// A probe or a session's dial failed, for this reason.
     Failed { reason: Arc<str> },
 }
@@ -72,6 +91,8 @@ pub struct NodeHealth {
     pub last_error: Option<Arc<str>>,
     /// `notAfter` of the node's certificate, from the last good probe.
     pub cert_expiry: Option<SystemTime>,
+    /// Set while the node refuses sessions: no new ones before this instant.
+    pub draining_until: Option<Instant>,
 }
 
 impl Default for NodeHealth {
@@ -84,17 +105,33 @@ impl Default for NodeHealth {
             consecutive_failures: 0,
             last_error: None,
             cert_expiry: None,
+            draining_until: None,
         }
     }
 }
 
 impl NodeHealth {
+    /// Whether the node is in its hold-off after refusing a session.
+    pub fn is_draining(&self, now: Instant) -> bool {
+        self.draining_until.is_some_and(|until| now < until)
+    }
+
     /// The state after `observation`.
     #[must_use]
     pub fn observe(&self, observation: &Observation, thresholds: Thresholds) -> NodeHealth {
         let mut next = self.clone();
         match observation {
-            Observation::ProbeOk { .. } | Observation::DialOk => {
+            // Session evidence decides only a node nothing is known of yet.
+            Observation::DialOk if self.status == Status::Unknown => {
+                next.status = Status::Up;
+            }
+            Observation::DialOk => {}
+            Observation::Refused { reason, at } => {
+                next.draining_until = Some(*at + thresholds.drain_hold_off);
+                next.last_error = Some(Arc::clone(reason));
+            }
+            Observation::Accepted => next.draining_until = None,
+            Observation::ProbeOk { .. } => {
                 next.consecutive_failures = 0;
                 next.consecutive_successes = self.consecutive_successes.saturating_add(1);
                 next.status = match self.status {
@@ -238,7 +275,36 @@ mod tests {
     const T: Thresholds = Thresholds {
         unhealthy_after: 2,
         healthy_after: 3,
+        drain_hold_off: Duration::from_secs(4),
     };
+
+    #[test]
+    fn a_refusing_node_drains_for_the_hold_off_then_gets_a_trial() {
+        let start = Instant::now();
+        let refused = |at| Observation::Refused {
+            reason: "57P01 server is not accepting clients".into(),
+            at,
+        };
+        let h = NodeHealth::default().observe(&ok(1), T);
+        assert!(!h.is_draining(start));
+        let h = h.observe(&refused(start), T);
+        assert_eq!(h.status, Status::Up, "draining is not down");
+        assert!(h.is_draining(start + Duration::from_secs(3)));
+        assert!(
+            !h.is_draining(start + Duration::from_secs(4)),
+            "after the hold-off the next session is a trial"
+        );
+        let again = h.observe(&refused(start + Duration::from_secs(5)), T);
+        assert!(
+            again.is_draining(start + Duration::from_secs(8)),
+            "refused again: the hold-off starts over"
+        );
+        assert!(
+            again.observe(&ok(1), T).draining_until.is_some(),
+            "a TLS probe is no evidence"
+        );
+        assert!(!again.observe(&Observation::Accepted, T).is_draining(start));
+    }
 
     fn ok(ms: u64) -> Observation {
         Observation::ProbeOk {
@@ -270,7 +336,26 @@ mod tests {
         let cases: Vec<(&str, Vec<Observation>, Vec<Status>)> = vec![
             ("first success decides up", vec![ok(1)], vec![Up]),
             ("first failure decides down", vec![fail()], vec![Down]),
-            ("a dial success counts", vec![Observation::DialOk], vec![Up]),
+            (
+                "a first dial success counts",
+                vec![Observation::DialOk],
+                vec![Up],
+            ),
+            (
+                "a dial success never clears a failing probe streak",
+                vec![ok(1), fail(), Observation::DialOk, fail()],
+                vec![Up, Up, Up, Down],
+            ),
+            (
+                "nor brings a down node up",
+                vec![
+                    fail(),
+                    Observation::DialOk,
+                    Observation::DialOk,
+                    Observation::DialOk,
+                ],
+                vec![Down, Down, Down, Down],
+            ),
             (
                 "up survives one failure, falls on the second",
                 vec![ok(1), fail(), fail()],

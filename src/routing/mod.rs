@@ -15,9 +15,12 @@ pub mod health;
 pub mod probe;
 pub mod select;
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::UNIX_EPOCH;
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -25,7 +28,8 @@ use tokio::sync::watch;
 pub use health::{NodeHealth, Observation, Prober, Thresholds};
 
 use crate::config::{HealthConfig, NodeConfig, NodeId, RoutingConfig};
-use crate::metrics as m;
+use crate::metrics::{self as m, RetryReason};
+use crate::upstream::ErrorKind;
 
 /// At most this many nodes are dialed for one session before it fails.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -50,10 +54,66 @@ impl Status {
     }
 }
 
+/// A node's metric handles, labelled once when the node enters the table
+/// instead of on every session.
+pub struct NodeMetrics {
+    sessions_active: metrics::Gauge,
+    pub connect_seconds: metrics::Histogram,
+    errors: [metrics::Counter; ErrorKind::ALL.len()],
+    retries: [metrics::Counter; RetryReason::ALL.len()],
+    up: metrics::Gauge,
+    rtt: metrics::Gauge,
+    cert_expiry: metrics::Gauge,
+}
+
+impl fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodeMetrics")
+    }
+}
+
+impl NodeMetrics {
+    fn new(config: &NodeConfig) -> Self {
+        let (node, region) = (config.id.to_string(), config.region.clone());
+        NodeMetrics {
+            sessions_active: metrics::gauge!(m::NODE_SESSIONS_ACTIVE, "node" => node.clone(), "region" => region.clone()),
+            connect_seconds: metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS, "node" => node.clone()),
+            errors: ErrorKind::ALL.map(|kind| {
+                metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "node" => node.clone(), "kind" => kind.as_str())
+            }),
+            retries: RetryReason::ALL.map(|reason| {
+                metrics::counter!(m::STARTUP_RETRIES_TOTAL, "node" => node.clone(), "reason" => reason.as_str())
+            }),
+            up: metrics::gauge!(m::NODE_UP, "node" => node.clone(), "region" => region.clone()),
+            rtt: metrics::gauge!(m::NODE_RTT_SECONDS, "node" => node.clone(), "region" => region),
+            cert_expiry: metrics::gauge!(m::UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS, "node" => node),
+        }
+    }
+
+    /// Counts a failed dial or a broken upstream connection.
+    pub fn upstream_error(&self, kind: ErrorKind) {
+        if let Some(i) = ErrorKind::ALL.iter().position(|k| *k == kind) {
+            self.errors[i].increment(1);
+        }
+    }
+
+    /// Counts a session moved on because this node refused it.
+    pub fn startup_retry(&self, reason: RetryReason) {
+        if let Some(i) = RetryReason::ALL.iter().position(|r| *r == reason) {
+            self.retries[i].increment(1);
+        }
+    }
+}
+
+fn metrics_retire(id: &NodeId, retired: bool) {
+    m::retire_node(id.as_str(), retired);
+}
+
 /// One node as sessions see it: its config and live session counts.
 #[derive(Debug)]
 pub struct Node {
     pub config: NodeConfig,
+    pub metrics: NodeMetrics,
     /// Sessions currently relayed to this node.
     active: AtomicUsize,
     /// Dials in flight to this node (counted as load so that a burst of new
@@ -64,6 +124,7 @@ pub struct Node {
 impl Node {
     fn new(config: NodeConfig) -> Self {
         Node {
+            metrics: NodeMetrics::new(&config),
             config,
             active: AtomicUsize::new(0),
             dialing: AtomicUsize::new(0),
@@ -93,8 +154,7 @@ pub struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.node.active.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(m::NODE_SESSIONS_ACTIVE, "node" => self.node.id().to_string(), "region" => self.node.config.region.clone())
-            .decrement(1.0);
+        self.node.metrics.sessions_active.decrement(1.0);
     }
 }
 
@@ -127,7 +187,7 @@ pub struct NodeTable {
 
 impl NodeTable {
     /// Selection's view of the table, with live loads and fresh tie-breaks.
-    fn candidates(&self, tiebreak: impl Fn() -> u64) -> Vec<select::Candidate<'_>> {
+    fn candidates(&self, now: Instant, tiebreak: impl Fn() -> u64) -> Vec<select::Candidate<'_>> {
         self.nodes
             .iter()
             .map(|s| select::Candidate {
@@ -136,6 +196,7 @@ impl NodeTable {
                 rtt: s.health.rtt,
                 load: s.node.load(),
                 tiebreak: tiebreak(),
+                draining: s.health.is_draining(now),
             })
             .collect()
     }
@@ -149,12 +210,13 @@ impl NodeTable {
             }
         }
         let current = self.nearest_region.as_deref();
-        next.nearest_region = select::nearest_region(&next.candidates(|| 0), current).map(|r| {
-            match &self.nearest_region {
-                Some(kept) if **kept == *r => Arc::clone(kept),
-                _ => Arc::from(r),
-            }
-        });
+        next.nearest_region =
+            select::nearest_region(&next.candidates(Instant::now(), || 0), current).map(|r| {
+                match &self.nearest_region {
+                    Some(kept) if **kept == *r => Arc::clone(kept),
+                    _ => Arc::from(r),
+                }
+            });
         next
     }
 
@@ -214,7 +276,7 @@ impl Router {
     /// (callers bound the attempts, see [`MAX_ATTEMPTS`]).
     pub fn candidates(&self) -> Vec<Arc<Node>> {
         let table = self.table.load();
-        let candidates = table.candidates(rand::random::<u64>);
+        let candidates = table.candidates(Instant::now(), rand::random::<u64>);
         let nearest = table.nearest_region.as_deref();
         let settings = self.settings.load();
         select::order(&candidates, settings.region.as_deref(), nearest)
@@ -241,8 +303,7 @@ impl Router {
     /// Marks a session as running on `node` until the guard drops.
     pub fn session_started(&self, node: &Arc<Node>) -> SessionGuard {
         node.active.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!(m::NODE_SESSIONS_ACTIVE, "node" => node.id().to_string(), "region" => node.config.region.clone())
-            .increment(1.0);
+        node.metrics.sessions_active.increment(1.0);
         SessionGuard {
             node: Arc::clone(node),
         }
@@ -269,6 +330,13 @@ impl Router {
     ) {
         self.settings
             .store(Arc::new(Settings::new(routing, health)));
+        let previous: Vec<NodeId> = self
+            .table
+            .load()
+            .nodes
+            .iter()
+            .map(|s| s.node.id().clone())
+            .collect();
         self.table.rcu(|table| {
             let mut next = NodeTable {
                 nodes: nodes
@@ -287,11 +355,26 @@ impl Router {
                     .collect(),
                 nearest_region: None,
             };
-            next.nearest_region =
-                select::nearest_region(&next.candidates(|| 0), table.nearest_region.as_deref())
-                    .map(Arc::from);
+            next.nearest_region = select::nearest_region(
+                &next.candidates(Instant::now(), || 0),
+                table.nearest_region.as_deref(),
+            )
+            .map(Arc::from);
             next
         });
+        // Series of nodes that left the config stop being exported; a node
+        // (re)added is exported again. A changed node keeps its id only when
+        // its host and port stayed.
+        let before = self.table.load();
+        for state in &before.nodes {
+            metrics_retire(state.node.id(), false);
+        }
+        for gone in previous
+            .iter()
+            .filter(|id| !before.nodes.iter().any(|s| s.node.id() == *id))
+        {
+            metrics_retire(gone, true);
+        }
     }
 
     /// The region new sessions go to first when `routing.region` is unset
@@ -328,6 +411,18 @@ impl Router {
     /// nearest region, the node metrics, and logs state changes.
     pub fn observe(&self, id: &NodeId, observation: &Observation) {
         let thresholds = self.settings.load().thresholds;
+        // Most observations (a good dial to an up node, a trial session on a
+        // node that was not draining) change nothing: no table is swapped.
+        let unchanged = self
+            .table
+            .load()
+            .nodes
+            .iter()
+            .find(|s| s.node.id() == id)
+            .is_none_or(|s| s.health.observe(observation, thresholds) == s.health);
+        if unchanged {
+            return;
+        }
         let before = self
             .table
             .rcu(|table| table.observe(id, observation, thresholds));
@@ -357,6 +452,24 @@ impl Router {
         self.observe(node.id(), &Observation::DialOk);
     }
 
+    /// `node` refused a session before authentication (`reason`: SQLSTATE and
+    /// message); it gets no new sessions for the hold-off.
+    pub fn node_refused(&self, node: &Node, reason: &str) {
+        self.observe(
+            node.id(),
+            &Observation::Refused {
+                reason: reason.into(),
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// `node` took a session (it asked for authentication): a draining node
+    /// whose trial this was is back.
+    pub fn node_accepted(&self, node: &Node) {
+        self.observe(node.id(), &Observation::Accepted);
+    }
+
     /// A session's dial to `node` failed; it counts towards marking it down.
     pub fn dial_failed(&self, node: &Node, reason: &str) {
         self.observe(
@@ -369,25 +482,34 @@ impl Router {
 }
 
 /// Metrics for one node after an observation, and a log line when its status
-/// changed.
+/// or its draining changed.
 fn report(old: &NodeState, new: &NodeState) {
     let node = &new.node;
-    let (id, region) = (node.id().to_string(), node.config.region.clone());
+    let metrics = &node.metrics;
     let up = if new.health.status == Status::Up {
         1.0
     } else {
         0.0
     };
-    metrics::gauge!(m::NODE_UP, "node" => id.clone(), "region" => region.clone()).set(up);
+    metrics.up.set(up);
     if let Some(rtt) = new.health.rtt {
-        metrics::gauge!(m::NODE_RTT_SECONDS, "node" => id.clone(), "region" => region.clone())
-            .set(rtt.as_secs_f64());
+        metrics.rtt.set(rtt.as_secs_f64());
     }
     if let Some(expiry) = new.health.cert_expiry
         && let Ok(since_epoch) = expiry.duration_since(UNIX_EPOCH)
     {
-        metrics::gauge!(m::UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS, "node" => id.clone())
-            .set(since_epoch.as_secs_f64());
+        metrics.cert_expiry.set(since_epoch.as_secs_f64());
+    }
+    let (id, region) = (node.id(), &node.config.region);
+    match (old.health.draining_until, new.health.draining_until) {
+        (None, Some(_)) => tracing::info!(
+            node = %id,
+            %region,
+            reason = new.health.last_error.as_deref().unwrap_or("unknown"),
+            "node refuses new sessions; sending them to other nodes"
+        ),
+        (Some(_), None) => tracing::info!(node = %id, %region, "node accepts sessions again"),
+        _ => {}
     }
     if old.health.status == new.health.status {
         return;

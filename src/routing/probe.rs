@@ -103,8 +103,14 @@ pub enum ProbeError {
 /// # Errors
 /// The first step that failed.
 pub async fn probe(node: &NodeConfig, settings: &ProbeSettings) -> Result<ProbeOk, ProbeError> {
-    let connection =
-        upstream::connect_with(node, settings.negotiation, &settings.tls, settings.timeout).await?;
+    let connection = upstream::connect_with(
+        node,
+        settings.negotiation,
+        &settings.tls,
+        settings.timeout,
+        settings.timeout,
+    )
+    .await?;
     let (_, session) = connection.stream.get_ref();
     let tls_version = session.protocol_version().and_then(|v| v.as_str());
     let cert_expiry = session

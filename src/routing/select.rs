@@ -6,7 +6,8 @@
 //!    `routing.region` when set, then the nearest region;
 //! 2. usable nodes of the other regions, by region RTT (the lowest RTT of the
 //!    region's up nodes); regions not measured yet last, in config order;
-//! 3. down nodes, as a last resort, by their last RTT.
+//! 3. as a last resort, nodes in their hold-off after refusing a session
+//!    (draining), then down nodes, each by their last RTT.
 //!
 //! Within a region: fewest sessions (active plus being dialed), then the
 //! caller's random tie-break. Not-yet-probed nodes count as up here, so that a
@@ -38,11 +39,13 @@ pub struct Candidate<'a> {
     pub load: usize,
     /// Random value that orders otherwise equal nodes.
     pub tiebreak: u64,
+    /// In its hold-off after refusing a session before authentication.
+    pub draining: bool,
 }
 
 impl Candidate<'_> {
     fn usable(&self) -> bool {
-        self.status != Status::Down
+        self.status != Status::Down && !self.draining
     }
 }
 
@@ -72,7 +75,13 @@ pub fn order(
     let mut down: Vec<usize> = (0..candidates.len())
         .filter(|&i| !candidates[i].usable())
         .collect();
-    down.sort_by(|&a, &b| cmp_rtt(candidates[a].rtt, candidates[b].rtt).then_with(|| a.cmp(&b)));
+    down.sort_by(|&a, &b| {
+        let (ca, cb) = (&candidates[a], &candidates[b]);
+        (ca.status == Status::Down)
+            .cmp(&(cb.status == Status::Down))
+            .then_with(|| cmp_rtt(ca.rtt, cb.rtt))
+            .then_with(|| a.cmp(&b))
+    });
     usable.extend(down);
     usable
 }
@@ -177,7 +186,13 @@ mod tests {
             rtt,
             load,
             tiebreak: 0,
+            draining: false,
         }
+    }
+
+    fn draining(mut c: Candidate<'static>) -> Candidate<'static> {
+        c.draining = true;
+        c
     }
 
     fn tied(mut c: Candidate<'static>, tiebreak: u64) -> Candidate<'static> {
@@ -195,7 +210,20 @@ mod tests {
 
     #[test]
     fn orders_candidates_by_region_health_rtt_and_load() {
+        let ms = |n| Some(Duration::from_millis(n));
         let cases = vec![
+            Case {
+                name: "a draining node goes after every usable one, before down ones",
+                nodes: vec![
+                    node("a", Status::Down, ms(1), 0),
+                    draining(node("a", Status::Up, ms(1), 0)),
+                    node("b", Status::Up, ms(50), 9),
+                    node("a", Status::Up, ms(2), 5),
+                ],
+                region: Some("a"),
+                nearest: None,
+                want: vec![3, 2, 1, 0],
+            },
             Case {
                 name: "no nodes",
                 nodes: vec![],

@@ -68,6 +68,8 @@ pub enum UpstreamError {
 /// Labels of `sqlgate_upstream_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    /// The node's host name does not resolve.
+    Dns,
     Refused,
     Timeout,
     TlsRefused,
@@ -77,8 +79,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::Dns,
+        ErrorKind::Refused,
+        ErrorKind::Timeout,
+        ErrorKind::TlsRefused,
+        ErrorKind::TlsVerify,
+        ErrorKind::EarlyData,
+        ErrorKind::Reset,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            ErrorKind::Dns => "dns",
             ErrorKind::Refused => "refused",
             ErrorKind::Timeout => "timeout",
             ErrorKind::TlsRefused => "tls_refused",
@@ -92,7 +105,8 @@ impl ErrorKind {
 impl UpstreamError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } => ErrorKind::Refused,
+            UpstreamError::Resolve { .. } => ErrorKind::Dns,
+            UpstreamError::Connect { .. } => ErrorKind::Refused,
             UpstreamError::Timeout(_) => ErrorKind::Timeout,
             UpstreamError::TlsRefused(_)
             | UpstreamError::NoAlpn
@@ -119,7 +133,14 @@ impl UpstreamError {
 /// # Errors
 /// Any [`UpstreamError`]; the caller moves on to the next node.
 pub async fn connect(node: &NodeConfig, cfg: &UpstreamConfig) -> Result<Connection, UpstreamError> {
-    connect_with(node, cfg.negotiation, &cfg.tls, cfg.connect_timeout).await
+    connect_with(
+        node,
+        cfg.negotiation,
+        &cfg.tls,
+        cfg.connect_timeout,
+        cfg.tcp_user_timeout,
+    )
+    .await
 }
 
 /// [`connect`] with explicit parameters (health probes use their own timeout).
@@ -131,13 +152,14 @@ pub async fn connect_with(
     negotiation: Negotiation,
     tls: &Arc<rustls::ClientConfig>,
     timeout: Duration,
+    user_timeout: Duration,
 ) -> Result<Connection, UpstreamError> {
     let started = Instant::now();
     tokio::time::timeout(timeout, async {
         let addrs = resolve(node).await?;
         let mut last = None;
         for addr in addrs {
-            match dial(node, addr, negotiation, tls).await {
+            match dial(node, addr, negotiation, tls, user_timeout).await {
                 Ok(stream) => {
                     return Ok(Connection {
                         stream,
@@ -178,11 +200,12 @@ pub async fn dial(
     addr: SocketAddr,
     negotiation: Negotiation,
     tls: &Arc<rustls::ClientConfig>,
+    user_timeout: Duration,
 ) -> Result<UpstreamStream, UpstreamError> {
     let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| UpstreamError::Connect { addr, source })?;
-    tune_socket(&tcp);
+    tune_socket(&tcp, user_timeout);
     if negotiation == Negotiation::Postgres {
         request_tls(&mut tcp).await?;
     }
@@ -244,16 +267,23 @@ pub fn classify_handshake_error(e: io::Error) -> UpstreamError {
     }
 }
 
-/// TCP_NODELAY (the wire protocol is request/response) and keepalive, so a
-/// vanished node ends idle sessions instead of holding them forever.
-pub fn tune_socket(tcp: &TcpStream) {
+/// TCP_NODELAY (the wire protocol is request/response), keepalive, so a
+/// vanished node ends idle sessions instead of holding them forever, and
+/// TCP_USER_TIMEOUT, so that data a vanished node never acknowledges ends the
+/// session after `user_timeout` instead of the kernel's ~15 minutes of
+/// retransmissions.
+pub fn tune_socket(tcp: &TcpStream, user_timeout: Duration) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10));
-    if let Err(e) = SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+    let socket = SockRef::from(tcp);
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    if let Err(e) = socket.set_tcp_user_timeout(Some(user_timeout)) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
     }
 }

@@ -152,6 +152,14 @@ pub enum Behaviour {
     CloseInHandshake,
     /// Completes TLS, reads the StartupMessage, sends AuthenticationOk, closes.
     CloseInStartup,
+    /// Completes TLS, reads the StartupMessage, answers an ErrorResponse with
+    /// this SQLSTATE before authentication (a draining CockroachDB node:
+    /// 57P01), closes.
+    RefuseStartup(&'static str),
+    /// Completes TLS, asks for a cleartext password, answers it with 28P01.
+    FailAuth,
+    /// Completes TLS, reads the StartupMessage, never answers.
+    StallInStartup,
     /// A working server: startup, then queries (see [`SessionEnd`]).
     Serve(SessionEnd),
 }
@@ -251,6 +259,42 @@ async fn serve_one(
         return Ok(()); // a health probe: handshake, then close
     };
     stats.startups.fetch_add(1, Ordering::Relaxed);
+    let fatal = |code: &str, text: &str| {
+        message(
+            b'E',
+            format!("SFATAL\0VFATAL\0C{code}\0M{text}\0\0").as_bytes(),
+        )
+    };
+    match behaviour {
+        Behaviour::RefuseStartup(code) => {
+            tls.write_all(&fatal(
+                code,
+                "server is not accepting clients, try another node",
+            ))
+            .await?;
+            tls.flush().await?;
+            let _ = tls.shutdown().await;
+            return Ok(());
+        }
+        Behaviour::FailAuth => {
+            tls.write_all(&message(b'R', &3u32.to_be_bytes())).await?;
+            tls.flush().await?;
+            let _password = read_message(&mut tls).await?;
+            tls.write_all(&fatal(
+                "28P01",
+                "password authentication failed for user \"app\"",
+            ))
+            .await?;
+            tls.flush().await?;
+            let _ = tls.shutdown().await;
+            return Ok(());
+        }
+        Behaviour::StallInStartup => {
+            let _ = read_message(&mut tls).await;
+            return Ok(());
+        }
+        _ => {}
+    }
     let auth_ok = message(b'R', &0u32.to_be_bytes());
     if behaviour == Behaviour::CloseInStartup {
         tls.write_all(&auth_ok).await?;
