@@ -86,10 +86,12 @@ exec systemd-nspawn -q -D $R -M "$name" --register=no --keep-unit --link-journal
 "#;
 
 /// Waits for its stdin to close (the test process ended, however), then kills
-/// whatever is left in the box's cgroup and removes it. `$1`: cgroup name.
+/// whatever is left in the box's cgroup and removes it, and the staging files.
+/// `$1`: cgroup name, `$2`: staging dir, `$3`: console log.
 const GUARD: &str = r#"
 cat >/dev/null
 name=$1
+rm -rf "$2" "$3"
 [ -d /sys/fs/cgroup/unified/$name ] || [ -d /sys/fs/cgroup/systemd/$name ] || exit 0
 [ -e /sys/fs/cgroup/unified/$name/cgroup.kill ] && echo 1 > /sys/fs/cgroup/unified/$name/cgroup.kill
 for i in 1 2 3 4 5 6 7 8 9 10; do
@@ -187,8 +189,11 @@ impl SystemdBox {
             fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         }
         // The guard first: from here on, the cgroup goes away whatever happens.
+        let console = files.dir.path().with_extension("console.log");
         let guard = Command::new("/bin/sh")
             .args(["-c", GUARD, "sqlgate-box-guard", &name])
+            .arg(files.dir.path())
+            .arg(&console)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -198,7 +203,6 @@ impl SystemdBox {
                 (child, stdin)
             })
             .expect("spawn the cleanup guard");
-        let console = files.dir.path().with_extension("console.log");
         let log = fs::File::create(&console).expect("create the console log");
         let nspawn = Command::new("/bin/sh")
             .args(["-c", LAUNCH, "sqlgate-box-launch", &name])
