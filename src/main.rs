@@ -143,8 +143,6 @@ fn init_tracing(log: &LogConfig) {
             .init(),
         (LogFormat::Json, true) => builder
             .json()
-            .flatten_event(true)
-            .with_current_span(true)
             .event_format(JournalPrefixed(
                 format()
                     .json()
