@@ -84,6 +84,9 @@ impl Reloader {
 pub struct Daemon {
     config: Arc<Config>,
     listeners: Vec<(Bound, Arc<ListenerState>)>,
+    /// The listeners came from systemd (socket activation), which keeps them
+    /// open after this process exits.
+    inherited: bool,
     exporter: Option<Exporter>,
     reloads: (mpsc::Sender<ReloadRequest>, mpsc::Receiver<ReloadRequest>),
     lifecycle: Lifecycle,
@@ -111,10 +114,11 @@ impl Daemon {
         config: Config,
         inherited: Vec<Inherited>,
     ) -> Result<Daemon, DaemonError> {
-        let listeners = if inherited.is_empty() {
-            bind_configured(&config).await?
-        } else {
+        let adopted = !inherited.is_empty();
+        let listeners = if adopted {
             adopt_inherited(&config, inherited)?
+        } else {
+            bind_configured(&config).await?
         };
         let exporter = match &config.metrics {
             Some(metrics) => {
@@ -129,6 +133,7 @@ impl Daemon {
         Ok(Daemon {
             config: Arc::new(config),
             listeners,
+            inherited: adopted,
             exporter,
             reloads: mpsc::channel(1),
             lifecycle: Lifecycle::new(),
@@ -167,17 +172,31 @@ impl Daemon {
     /// is closed ([`Phase::Cutting`]), and background tasks end
     /// ([`Phase::Stopped`]).
     ///
+    /// On sockets inherited from systemd the drain stops accepting at once
+    /// instead: systemd keeps the sockets open, the kernel queues newcomers,
+    /// and the next instance (`systemctl restart`, or the socket unit starting
+    /// the service again) serves them. Clients accepted before the drain began
+    /// are served, not refused.
+    ///
     /// # Errors
     /// When the session workers cannot be started.
     pub async fn run(self) -> Result<(), DaemonError> {
         let Daemon {
             config: initial,
             listeners,
+            inherited,
             exporter,
             reloads: (_keep_open, mut reload_requests),
             lifecycle,
         } = self;
         let phase = lifecycle.watch();
+        // What sessions watch: with systemd's sockets they skip the draining
+        // phase (no 57P01; see above) but are still cut and stopped.
+        let sessions = if inherited {
+            Lifecycle::new()
+        } else {
+            lifecycle.clone()
+        };
         let limit = ConnectionLimit::new(initial.limits.max_connections);
         let live = Arc::new(LiveSessions::default());
         let state = Arc::new(State {
@@ -189,6 +208,7 @@ impl Daemon {
             )),
             cancels: Arc::new(CancelTable::new()),
             lifecycle: lifecycle.clone(),
+            sessions: sessions.clone(),
             limit: Arc::clone(&limit),
             live: Arc::clone(&live),
             listeners: listeners.iter().map(|(_, l)| Arc::clone(l)).collect(),
@@ -211,12 +231,17 @@ impl Daemon {
         ));
         let mut loops = Vec::new();
         for (bound, listener) in listeners {
-            loops.push(tokio::spawn(listener::accept_loop(
-                bound,
-                listener,
-                Arc::clone(&shared),
-                phase.clone(),
-            )));
+            let accepting =
+                listener::accept_loop(bound, listener, Arc::clone(&shared), phase.clone());
+            let draining = phase.clone();
+            // Dropping the loop closes this process's copy of the socket;
+            // systemd's copy keeps it listening.
+            loops.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = accepting => {}
+                    () = draining.wait_for(Phase::Draining), if inherited => {}
+                }
+            }));
         }
         state.serving.store(true, Ordering::Release);
 
@@ -264,9 +289,11 @@ impl Daemon {
                 "grace period over; closing remaining sessions"
             );
             lifecycle.advance(Phase::Cutting);
+            sessions.advance(Phase::Cutting);
             let _ = tokio::time::timeout(HARD_STOP_WAIT, tracker.wait()).await;
         }
         lifecycle.advance(Phase::Stopped);
+        sessions.advance(Phase::Stopped);
         for l in loops {
             let _ = l.await;
         }
@@ -377,6 +404,9 @@ struct State {
     router: Arc<Router>,
     cancels: Arc<CancelTable>,
     lifecycle: Lifecycle,
+    /// The lifecycle sessions watch: `lifecycle` itself, or one without the
+    /// draining phase on sockets inherited from systemd (see [`Daemon::run`]).
+    sessions: Lifecycle,
     limit: Arc<ConnectionLimit>,
     live: Arc<LiveSessions>,
     listeners: Vec<Arc<ListenerState>>,
@@ -415,7 +445,7 @@ impl State {
             router: Arc::clone(&self.router),
             cancels: Arc::clone(&self.cancels),
             kill,
-            lifecycle: self.lifecycle.watch(),
+            lifecycle: self.sessions.watch(),
         }
     }
 

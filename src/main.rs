@@ -117,19 +117,39 @@ fn run(config: Config) -> anyhow::Result<()> {
     served
 }
 
+/// Logs to stderr. When stderr is the journal (`JOURNAL_STREAM`), lines carry
+/// no timestamp of their own (the journal records one) and start with their
+/// syslog priority, so `journalctl -p warning` works.
 fn init_tracing(log: &LogConfig) {
+    use sqlgate::systemd::JournalPrefixed;
+    use tracing_subscriber::fmt::format;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SQLGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Text => builder.with_ansi(false).init(),
-        LogFormat::Json => builder
+    let journal = sqlgate::systemd::stderr_is_journal();
+    match (log.format, journal) {
+        (LogFormat::Text, false) => builder.with_ansi(false).init(),
+        (LogFormat::Text, true) => builder
+            .with_ansi(false)
+            .event_format(JournalPrefixed(format().without_time().with_ansi(false)))
+            .init(),
+        (LogFormat::Json, false) => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .init(),
+        (LogFormat::Json, true) => builder
+            .json()
+            .event_format(JournalPrefixed(
+                format()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .without_time(),
+            ))
             .init(),
     }
 }

@@ -2,6 +2,9 @@
 //! `NOTIFY_SOCKET`), the watchdog keepalive (`WATCHDOG_USEC`) and socket
 //! activation (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`).
 //!
+//! Also: whether stderr goes to the journal (`JOURNAL_STREAM`), and the log
+//! line prefix that carries each event's syslog priority there.
+//!
 //! Everything here is a no-op when the variables are not set, so the daemon
 //! behaves the same with and without systemd.
 
@@ -107,6 +110,69 @@ pub async fn keep_alive(stop: impl std::future::Future<Output = ()>) {
     }
 }
 
+/// True when stderr is the journal's stream socket: systemd sets
+/// `JOURNAL_STREAM=<device>:<inode>` for a service whose output goes to the
+/// journal, and the variable is only trusted when stderr is that very socket
+/// (a child whose stderr was redirected inherits the variable, not the socket).
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some((device, inode)) = std::env::var("JOURNAL_STREAM")
+        .ok()
+        .and_then(|v| parse_journal_stream(&v))
+    else {
+        return false;
+    };
+    // fstat(2) of a duplicate of fd 2; std keeps this free of unsafe code.
+    let Ok(fd) = io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == device && m.ino() == inode)
+}
+
+/// `JOURNAL_STREAM`'s `device:inode`, both decimal.
+fn parse_journal_stream(value: &str) -> Option<(u64, u64)> {
+    let (device, inode) = value.split_once(':')?;
+    Some((device.parse().ok()?, inode.parse().ok()?))
+}
+
+/// The syslog priority of a tracing level (`sd-daemon(3)`: `<3>` error,
+/// `<4>` warning, `<6>` info, `<7>` debug).
+pub fn syslog_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+    }
+}
+
+/// A log line format for the journal: the inner format's line behind a
+/// `<N>` syslog priority prefix, which journald strips and records as the
+/// entry's `PRIORITY` (`SyslogLevelPrefix=`, on by default). Use it with an
+/// inner format without timestamps: the journal has its own.
+#[derive(Debug, Clone)]
+pub struct JournalPrefixed<F>(pub F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPrefixed<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
 /// A listening socket handed over by the service manager.
 #[derive(Debug)]
 pub struct Inherited {
@@ -188,6 +254,42 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = receiver.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"STOPPING=1\n");
+    }
+
+    #[test]
+    fn journal_stream_is_device_and_inode() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        for bad in ["", "8", "8:", ":1", "a:1", "1:b", "1:2:3"] {
+            assert_eq!(parse_journal_stream(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stderr_is_the_journal_only_when_journal_stream_names_it() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let fd = io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("dup stderr");
+        let meta = std::fs::File::from(fd).metadata().expect("fstat stderr");
+        // The test's environment is its own: check the comparison, not the variable.
+        assert_eq!(
+            parse_journal_stream(&format!("{}:{}", meta.dev(), meta.ino())),
+            Some((meta.dev(), meta.ino()))
+        );
+        if std::env::var_os("JOURNAL_STREAM").is_none() {
+            assert!(!stderr_is_journal());
+        }
+    }
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        assert_eq!(syslog_priority(tracing::Level::ERROR), 3);
+        assert_eq!(syslog_priority(tracing::Level::WARN), 4);
+        assert_eq!(syslog_priority(tracing::Level::INFO), 6);
+        assert_eq!(syslog_priority(tracing::Level::DEBUG), 7);
+        assert_eq!(syslog_priority(tracing::Level::TRACE), 7);
     }
 
     #[test]
