@@ -5,10 +5,10 @@
 
 use std::hint::black_box;
 
-use bytes::BytesMut;
 use divan::Bencher;
 use sqlgate::pgwire::backend::{self, AUTH_SASL, BackendKeyData, Message, tag};
 use sqlgate::pgwire::frontend::{FrontendPacket, parse_packet};
+use sqlgate::pgwire::startup::{Event, StartupRelay};
 
 fn main() {
     divan::main();
@@ -121,37 +121,29 @@ fn rewrite_backend_key_data(bencher: Bencher) {
     });
 }
 
-/// The startup relay's loop over one flight, without I/O: split every
-/// message, rewrite BackendKeyData, re-encode, stop at ReadyForQuery.
+/// The startup relay's state machine over one flight, without I/O: what the
+/// session runs (`pgwire::startup::StartupRelay`), writing a proxy key for the
+/// server's.
 #[divan::bench]
 fn relay_post_auth_flight(bencher: Bencher) {
     let flight = post_auth_flight();
-    bencher
-        .with_inputs(|| BytesMut::from(&flight[..]))
-        .bench_local_refs(|buf| {
-            let mut out = Vec::with_capacity(4096);
-            while let Some(msg) = backend::split_message(buf).expect("valid flight") {
-                match msg.tag {
-                    tag::BACKEND_KEY_DATA => {
-                        let server = BackendKeyData::parse(&msg.body).expect("valid key");
-                        let body = BackendKeyData {
-                            pid: server.pid,
-                            key: vec![9; server.key.len()],
-                        }
-                        .body();
-                        Message {
-                            tag: msg.tag,
-                            body: body.into(),
-                        }
-                        .encode_into(&mut out);
-                    }
-                    tag::READY_FOR_QUERY => {
-                        msg.encode_into(&mut out);
-                        break;
-                    }
-                    _ => msg.encode_into(&mut out),
+    bencher.bench_local(|| {
+        let mut relay = StartupRelay::new();
+        relay.receive(black_box(&flight));
+        let mut out = Vec::with_capacity(4096);
+        while let Some(event) = relay.next(&mut out).expect("valid flight") {
+            match event {
+                Event::ServerKey(server) => {
+                    let mine = BackendKeyData {
+                        pid: server.pid,
+                        key: vec![9; server.key.len()],
+                    };
+                    StartupRelay::write_key(&mut out, &mine);
                 }
+                Event::Ready(_) => break,
+                _ => {}
             }
-            out
-        });
+        }
+        out
+    });
 }

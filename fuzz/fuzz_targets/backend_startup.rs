@@ -4,6 +4,9 @@
 //! ErrorResponse through `parse_fields`, and NegotiateProtocolVersion (and
 //! every other message) passed on unchanged.
 //!
+//! The same bytes also go through `StartupRelay`, the state machine the
+//! session runs.
+//!
 //! Oracles: no panic; splitting does not depend on read sizes; a rewritten
 //! SASL offer keeps every other mechanism in order and loses only
 //! `SCRAM-SHA-256-PLUS`; BackendKeyData and ErrorResponse re-encode to what
@@ -15,6 +18,8 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use sqlgate::pgwire::backend::{self, BackendKeyData, Message, tag};
 use sqlgate::pgwire::error;
+use sqlgate::pgwire::ProtocolError;
+use sqlgate::pgwire::startup::{Event, StartupRelay};
 
 /// The mechanism names of an AuthenticationSASL body (after the code word).
 fn mechanisms(body: &[u8]) -> Vec<&[u8]> {
@@ -48,6 +53,42 @@ fn split_all(data: &[u8], sizes: &[u8]) -> (Vec<Message>, bool) {
         }
     }
     (out, false)
+}
+
+/// Runs `StartupRelay` (sqlgate's startup relay) over `data` in reads of
+/// `sizes`, writing a fixed proxy key; stops at the first error.
+fn drive(data: &[u8], sizes: &[u8]) -> (Vec<Result<Event, ProtocolError>>, Vec<u8>) {
+    let mut relay = StartupRelay::new();
+    let mut out = Vec::new();
+    let mut events = Vec::new();
+    let mut rest = data;
+    let mut sizes = sizes.iter();
+    while !rest.is_empty() {
+        let n = sizes
+            .next()
+            .map_or(rest.len(), |&s| usize::from(s).max(1))
+            .min(rest.len());
+        let (now, later) = rest.split_at(n);
+        relay.receive(now);
+        rest = later;
+        loop {
+            match relay.next(&mut out) {
+                Ok(Some(event)) => {
+                    if let Event::ServerKey(server) = &event {
+                        let key = BackendKeyData { pid: server.pid, key: vec![9; server.key.len()] };
+                        StartupRelay::write_key(&mut out, &key);
+                    }
+                    events.push(Ok(event));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    events.push(Err(e));
+                    return (events, out);
+                }
+            }
+        }
+    }
+    (events, out)
 }
 
 fuzz_target!(|input: &[u8]| {
@@ -97,6 +138,13 @@ fuzz_target!(|input: &[u8]| {
             _ => {}
         }
     }
+
+    // The state machine the session runs, fed in the same reads: never panics,
+    // and what it does not depend on how the bytes arrive.
+    let (events, out) = drive(data, sizes);
+    let (whole_events, whole_out) = drive(data, &[]);
+    assert_eq!(events, whole_events, "events depend on read sizes");
+    assert_eq!(out, whole_out, "output depends on read sizes");
 
     // sqlgate's own ErrorResponse, whatever the text, parses back.
     let text = String::from_utf8_lossy(data);
