@@ -31,8 +31,6 @@ pub enum MessageError {
     Truncated,
     #[error("message length field {0} is invalid")]
     Length(u32),
-    #[error("expected message type {expected:?}, got {got:?}")]
-    Tag { expected: char, got: char },
     #[error("a string field is not NUL-terminated UTF-8")]
     String,
     #[error("SASLInitialResponse data length {0} does not match the message")]

@@ -49,6 +49,17 @@ impl ScramServerError {
         }
     }
 
+    /// The ErrorResponse message for the client, as PostgreSQL words it for
+    /// a wrong password, prefixed `sqlgate:`; never holds a secret.
+    pub fn client_message(&self, user: &str) -> String {
+        match self {
+            ScramServerError::WrongPassword => {
+                format!("sqlgate: password authentication failed for user {user:?}")
+            }
+            other => format!("sqlgate: {other}"),
+        }
+    }
+
     /// True for a wrong password (28P01) rather than a broken exchange.
     pub fn is_wrong_password(&self) -> bool {
         matches!(self, ScramServerError::WrongPassword)

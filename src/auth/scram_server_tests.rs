@@ -122,6 +122,10 @@ fn wrong_password_fails_with_28p01() {
     assert_eq!(err.sqlstate(), "28P01");
     assert!(err.is_wrong_password());
     assert_eq!(
+        err.client_message("app"),
+        "sqlgate: password authentication failed for user \"app\""
+    );
+    assert_eq!(
         server.receive(last.as_bytes()).unwrap_err(),
         ScramServerError::Ended
     );

@@ -49,8 +49,16 @@ pub enum SecretError {
 
 /// A password, as given in `auth_file`. Its `Debug` is redacted; its bytes
 /// are zeroed on drop.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Password(Zeroizing<String>);
+
+impl PartialEq for Password {
+    fn eq(&self, other: &Password) -> bool {
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for Password {}
 
 impl Password {
     pub fn new(password: impl Into<String>) -> Password {
