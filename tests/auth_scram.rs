@@ -2,26 +2,29 @@
 //! and SCRAM: sqlgate's SCRAM server recovers a client's ClientKey against
 //! the role's `pg_authid.rolpassword`, and sqlgate's SCRAM client logs in to
 //! the node with that ClientKey alone; a secret in `auth_file` that differs
-//! from the node's gives the error that says so.
+//! from the node's gives the error that says so. libpq (`psql`) is the client
+//! of sqlgate's SCRAM server in the tests that need a real one.
 
 mod common;
 
 use std::future::Future;
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{BackendMessage, NodeTls, PgNode, Pki, parse_error_fields, wire};
+use common::{BackendMessage, NodeTls, PgNode, Pki, clear_libpq_env, parse_error_fields, wire};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sqlgate::auth::messages::split_message;
 use sqlgate::auth::{
     ClientKey, ClientStep, Credential, Password, ScramClient, ScramClientError, ScramSecret,
-    ScramServer, ServerStep, Userlist,
+    ScramServer, ScramServerError, ServerStep, Userlist,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 
 const USER: &str = "pooled";
@@ -263,6 +266,141 @@ async fn a_password_entry_logs_in_with_the_password() {
             .await
             .expect_err("a wrong password is refused");
         assert_eq!(err, ScramClientError::PasswordRejected("28P01".into()));
+    })
+    .await;
+}
+
+/// A FATAL ErrorResponse with `code` and `message`.
+fn fatal(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A stand-in for sqlgate's pooled listener: accepts one plaintext client,
+/// runs sqlgate's SCRAM server against `secret`, and returns the ClientKey it
+/// recovered once the client, having checked sqlgate's server signature,
+/// sends its first query; or the server's refusal, sent to the client as
+/// FATAL with its SQLSTATE.
+async fn one_client_scram_listener(
+    secret: ScramSecret,
+) -> (SocketAddr, JoinHandle<Result<ClientKey, ScramServerError>>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let len = stream.read_u32().await.expect("startup length");
+        let mut startup = vec![0u8; usize::try_from(len).expect("fits") - 4];
+        stream.read_exact(&mut startup).await.expect("startup");
+        assert_eq!(&startup[..4], &196_608u32.to_be_bytes(), "protocol 3.0");
+        let mut server = ScramServer::new(&secret);
+        stream
+            .write_all(&server.auth_request())
+            .await
+            .expect("write");
+        loop {
+            let message = read_message(&mut stream).await.expect("client message");
+            assert_eq!(message.tag, b'p', "a SASL response");
+            match server.receive(&message.body) {
+                Ok(ServerStep::Continue(bytes)) => stream.write_all(&bytes).await.expect("write"),
+                Ok(ServerStep::Authenticated {
+                    mut messages,
+                    client_key,
+                }) => {
+                    messages.extend_from_slice(b"Z\0\0\0\x05I");
+                    stream.write_all(&messages).await.expect("write");
+                    let next = read_message(&mut stream).await.expect("client message");
+                    assert_eq!(
+                        next.tag, b'Q',
+                        "libpq accepted the exchange and sent its query"
+                    );
+                    let bye = fatal("57P01", "sqlgate test: authentication checked");
+                    stream.write_all(&bye).await.expect("write");
+                    return Ok(client_key);
+                }
+                Err(e) => {
+                    let refusal = fatal(e.sqlstate(), &e.client_message(USER));
+                    stream.write_all(&refusal).await.expect("write");
+                    return Err(e);
+                }
+            }
+        }
+    });
+    (addr, task)
+}
+
+/// `psql -c 'select 1'` as [`USER`] with `password` at `addr`, no TLS;
+/// returns its stderr.
+async fn psql_as_user(addr: SocketAddr, password: &str) -> String {
+    let mut cmd = tokio::process::Command::new("psql");
+    clear_libpq_env(&mut cmd);
+    let conninfo = format!(
+        "host={} port={} user={USER} dbname=postgres sslmode=disable connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    );
+    cmd.env("PGPASSWORD", password)
+        .args(["-X", "-A", "-t", "-d", &conninfo, "-c", "select 1"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("psql finishes")
+        .expect("run psql");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_authenticates_to_sqlgate_and_its_client_key_logs_in_to_postgres() {
+    bounded(Duration::from_secs(120), async {
+        let pki = Pki::new("auth-scram-libpq");
+        let (node, rolpassword) = node_with_role(&pki).await;
+        let list = userlist(&rolpassword);
+        let entry = list.get(USER).expect("pooled user");
+
+        let (addr, listener) = one_client_scram_listener(entry.client_secret().clone()).await;
+        let stderr = psql_as_user(addr, PASSWORD).await;
+        let client_key = listener
+            .await
+            .expect("listener task")
+            .unwrap_or_else(|e| panic!("sqlgate refused libpq: {e}; psql: {stderr}"));
+        assert!(stderr.contains("authentication checked"), "{stderr}");
+
+        let mut session = open_server_session(&node, &pki, entry.upstream_credential(client_key))
+            .await
+            .expect("the node accepts the ClientKey recovered from libpq");
+        assert_eq!(current_user(&mut session).await, USER);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_with_a_wrong_password_gets_28p01_from_sqlgate() {
+    bounded(Duration::from_secs(60), async {
+        let secret = ScramSecret::generate(&Password::new(PASSWORD));
+        let (addr, listener) = one_client_scram_listener(secret).await;
+        let stderr = psql_as_user(addr, "not pencil").await;
+        let outcome = listener.await.expect("listener task");
+        assert_eq!(outcome.unwrap_err(), ScramServerError::WrongPassword);
+        assert!(
+            stderr.contains("sqlgate: password authentication failed for user \"pooled\""),
+            "{stderr}"
+        );
     })
     .await;
 }
