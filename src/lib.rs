@@ -25,6 +25,7 @@
 //! - [`routing`]: node table snapshots, health probes, region-nearest selection.
 //! - [`nodes`]: `sqlgate nodes`: probe every node once and print the table.
 //! - [`cancel`]: cancel key table and forwarding.
+//! - [`auth`]: pooling's auth: `auth_file`, SCRAM server (clients) and client (nodes).
 //! - [`relay`]: the bidirectional byte copy.
 //! - [`metrics`]: metric names and label values; `/metrics`, `/healthz`, `/readyz`.
 //! - [`init`]: `sqlgate init`: a config from a cluster's connection string.
@@ -36,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allowlist;
+pub mod auth;
 pub mod cancel;
 pub mod cli;
 pub mod config;
