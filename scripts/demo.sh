@@ -10,11 +10,12 @@
 #   PG_BIN        PostgreSQL server binaries (default /usr/lib/postgresql/15/bin)
 #
 # Everything lives in one temporary directory that is removed on exit. As root, the
-# PostgreSQL servers run as the `postgres` user (PostgreSQL refuses to run as root).
+# PostgreSQL servers run as the `postgres` user (PostgreSQL refuses to run as root),
+# and on Debian a missing PostgreSQL 15, psql or openssl is installed first.
 set -euo pipefail
 
 usage() {
-	sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+	sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 CHECK=0
@@ -44,6 +45,27 @@ die() {
 }
 
 # --- prerequisites --------------------------------------------------------------
+# As root on Debian, install what is missing (without starting the packaged cluster).
+if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+	missing=()
+	[[ -x /usr/lib/postgresql/15/bin/initdb || "$PG_BIN" != /usr/lib/postgresql/15/bin ]] ||
+		missing+=(postgresql postgresql-contrib)
+	command -v psql >/dev/null || missing+=(postgresql-client)
+	command -v openssl >/dev/null || missing+=(openssl)
+	command -v runuser >/dev/null || missing+=(util-linux)
+	if ((${#missing[@]})); then
+		log "installing ${missing[*]}"
+		made_policy=0
+		if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+			printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+			chmod 755 /usr/sbin/policy-rc.d
+			made_policy=1
+		fi
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update >&2
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y "${missing[@]}" >&2
+		if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
+	fi
+fi
 [[ -x "$PG_BIN/initdb" && -x "$PG_BIN/pg_ctl" ]] ||
 	die "PostgreSQL 15 server not found in $PG_BIN (apt-get install -y postgresql postgresql-contrib)"
 command -v psql >/dev/null || die "psql not found (apt-get install -y postgresql-client)"

@@ -15,6 +15,13 @@ use sqlgate::{EXIT_FAILURE, EXIT_USAGE};
 /// seconds. glibc's malloc kept the burst's peak (5 000 held connections:
 /// 16.7 MB before, 36.8 MB after) because the freed chunks sit between
 /// long-lived ones and only the top of a heap is trimmed.
+///
+/// The thread is on by default: the `background_threads` feature builds
+/// jemalloc with `background_thread:true` in its configuration, so it starts at
+/// the first allocation, before `main` (no control call, no `unsafe`). It only
+/// purges and never reads the environment, so editing the environment in
+/// [`run`] stays sound. `_RJEM_MALLOC_CONF=background_thread:false` turns it
+/// off at start, for an experiment.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -91,11 +98,10 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> anyhow::Result<()> {
     sqlgate::limits::raise_nofile_limit_logged();
-    // Before any thread exists: this edits the environment (LISTEN_FDS, LISTEN_PID).
+    // Before any thread of ours exists: this edits the environment (LISTEN_FDS,
+    // LISTEN_PID). jemalloc's background thread is already running, but it never
+    // reads the environment (see ALLOCATOR).
     let inherited = sqlgate::systemd::take_inherited_listeners()?;
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(error = %e, "cannot start the allocator's background purging thread");
-    }
     // The control runtime: accept loops, probes, reloads, metrics. Sessions
     // run on the worker threads (see sqlgate::workers).
     let runtime = tokio::runtime::Builder::new_current_thread()
