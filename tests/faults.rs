@@ -18,13 +18,6 @@ async fn daemon(ca: &TestCa, nodes: &[Node], connect_timeout: &str) -> Daemon {
     Daemon::start(&config_toml(&ca.ca_file, nodes, connect_timeout, ""), None).await
 }
 
-fn expect_ready(result: StartupResult) -> tokio::net::TcpStream {
-    match result {
-        StartupResult::Ready(s) => s,
-        other => panic!("expected ReadyForQuery through sqlgate, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn stalled_node_times_out_and_the_next_node_serves() {
     let ca = TestCa::new("stall");
@@ -41,7 +34,7 @@ async fn stalled_node_times_out_and_the_next_node_serves() {
     .await;
 
     let started = Instant::now();
-    let mut s = expect_ready(raw_startup(gate.addr, STEP).await);
+    let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
     let took = started.elapsed();
     assert!(
         FakeNode::count(&stall.stats.accepted) >= 1,
@@ -72,7 +65,7 @@ async fn node_closing_mid_handshake_fails_over_to_the_next_node() {
     )
     .await;
     let started = Instant::now();
-    let mut s = expect_ready(raw_startup(gate.addr, STEP).await);
+    let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(FakeNode::count(&closer.stats.accepted) >= 1);
     simple_query(&mut s, "select 1", STEP)
@@ -120,7 +113,7 @@ async fn node_closing_mid_session_without_close_notify_ends_cleanly_without_warn
     let warnings_before = gate.warnings().len();
     const SESSIONS: usize = 20;
     for _ in 0..SESSIONS {
-        let mut s = expect_ready(raw_startup(gate.addr, STEP).await);
+        let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
         simple_query(&mut s, "select 1", STEP)
             .await
             .expect("the query is answered before the node drops");
@@ -145,7 +138,7 @@ async fn reset_mid_copy_ends_the_client_promptly() {
     let ca = TestCa::new("reset-copy");
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::ResetInCopy), ca.good()).await;
     let gate = daemon(&ca, &[Node::localhost(node.addr, "near")], "5s").await;
-    let mut s = expect_ready(raw_startup(gate.addr, STEP).await);
+    let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
     let query = fault_support::message(b'Q', b"copy t to stdout\0");
     s.write_all(&query).await.expect("send copy");
     let took = time_to_end(&mut s, STEP)
@@ -163,7 +156,7 @@ async fn client_half_close_reaches_the_node_and_ends_the_session() {
     let ca = TestCa::new("half-close");
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), ca.good()).await;
     let gate = daemon(&ca, &[Node::localhost(node.addr, "near")], "5s").await;
-    let mut s = expect_ready(raw_startup(gate.addr, STEP).await);
+    let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
     simple_query(&mut s, "select 1", STEP).await.expect("query");
     s.shutdown().await.expect("half-close");
     let took = time_to_end(&mut s, STEP)

@@ -17,11 +17,19 @@ use tokio::io::AsyncWriteExt;
 
 const STEP: Duration = Duration::from_secs(15);
 
-fn expect_ready(result: StartupResult) -> tokio::net::TcpStream {
-    match result {
-        StartupResult::Ready(s) => s,
-        other => panic!("expected ReadyForQuery through sqlgate, got {other:?}"),
-    }
+/// sqlgate in front of `nodes` (the first in the preferred region `near`).
+async fn gate(ca: &TestCa, nodes: &[&FakeNode], extra_upstream: &str) -> Daemon {
+    let regions = ["near", "far", "farther"];
+    let nodes: Vec<Node> = nodes
+        .iter()
+        .zip(regions)
+        .map(|(n, region)| Node::localhost(n.addr, region))
+        .collect();
+    let toml = config_toml(&ca.ca_file, &nodes, "5s", "").replace(
+        "connect_timeout",
+        &format!("{extra_upstream}connect_timeout"),
+    );
+    Daemon::start(&toml, None).await
 }
 
 #[tokio::test]
@@ -32,22 +40,10 @@ async fn refusals_before_authentication_move_the_session_to_the_next_node() {
     for code in codes {
         let refusing = FakeNode::start(Behaviour::RefuseStartup(code), ca.good()).await;
         let good = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), ca.good()).await;
-        let gate = Daemon::start(
-            &config_toml(
-                &ca.ca_file,
-                &[
-                    Node::localhost(refusing.addr, "near"),
-                    Node::localhost(good.addr, "far"),
-                ],
-                "5s",
-                "",
-            ),
-            None,
-        )
-        .await;
+        let gate = gate(&ca, &[&refusing, &good], "").await;
         const SESSIONS: usize = 10;
         for i in 0..SESSIONS {
-            let mut s = expect_ready(raw_startup(gate.addr, STEP).await);
+            let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
             simple_query(&mut s, "select 1", STEP)
                 .await
                 .unwrap_or_else(|e| panic!("{code}: session {i} failed: {e}"));
@@ -77,19 +73,7 @@ async fn a_refusal_from_every_node_reaches_the_client_as_08006_naming_them() {
     let ca = TestCa::new("all-refuse");
     let a = FakeNode::start(Behaviour::RefuseStartup("57P01"), ca.good()).await;
     let b = FakeNode::start(Behaviour::RefuseStartup("57P03"), ca.good()).await;
-    let gate = Daemon::start(
-        &config_toml(
-            &ca.ca_file,
-            &[
-                Node::localhost(a.addr, "near"),
-                Node::localhost(b.addr, "far"),
-            ],
-            "5s",
-            "",
-        ),
-        None,
-    )
-    .await;
+    let gate = gate(&ca, &[&a, &b], "").await;
     match raw_startup(gate.addr, STEP).await {
         StartupResult::Error { code, message } => {
             assert_eq!(code, "08006", "{message}");
@@ -108,19 +92,7 @@ async fn an_authentication_failure_is_never_retried_on_another_node() {
     let ca = TestCa::new("auth-fail");
     let failing = FakeNode::start(Behaviour::FailAuth, ca.good()).await;
     let good = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), ca.good()).await;
-    let gate = Daemon::start(
-        &config_toml(
-            &ca.ca_file,
-            &[
-                Node::localhost(failing.addr, "near"),
-                Node::localhost(good.addr, "far"),
-            ],
-            "5s",
-            "",
-        ),
-        None,
-    )
-    .await;
+    let gate = gate(&ca, &[&failing, &good], "").await;
     let answer = tokio::time::timeout(STEP, async {
         let mut s = tokio::net::TcpStream::connect(gate.addr)
             .await
@@ -192,14 +164,7 @@ async fn a_node_that_stalls_or_closes_in_the_startup_gets_the_client_08006_namin
 
     for (behaviour, needle) in cases {
         let node = FakeNode::start(behaviour, ca.good()).await;
-        let gate = Daemon::start(
-            &config_toml(&ca.ca_file, &[Node::localhost(node.addr, "near")], "5s", "").replace(
-                "connect_timeout",
-                "startup_timeout = \"1s\"\nconnect_timeout",
-            ),
-            None,
-        )
-        .await;
+        let gate = gate(&ca, &[&node], "startup_timeout = \"1s\"\n").await;
         let started = Instant::now();
         match raw_startup(gate.addr, STEP).await {
             StartupResult::Error { code, message } => {

@@ -419,6 +419,16 @@ pub enum StartupResult {
     Closed,
 }
 
+impl StartupResult {
+    /// The stream of a session that reached ReadyForQuery; panics otherwise.
+    pub fn expect_ready(self) -> TcpStream {
+        match self {
+            StartupResult::Ready(s) => s,
+            other => panic!("expected ReadyForQuery through sqlgate, got {other:?}"),
+        }
+    }
+}
+
 /// Connects to sqlgate at `addr`, sends a StartupMessage and reads until
 /// ReadyForQuery, an ErrorResponse, or EOF; bounded by `timeout`.
 pub async fn raw_startup(addr: SocketAddr, timeout: Duration) -> StartupResult {
