@@ -50,6 +50,67 @@ pub const UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
 /// session moved on to the next candidate.
 pub const STARTUP_RETRIES_TOTAL: &str = "sqlgate_startup_retries_total";
 
+/// `ended_by`, `outcome`: who ended each session that reached a node, and how.
+pub const SESSION_ENDS_TOTAL: &str = "sqlgate_session_ends_total";
+
+/// Who ended a session (`ended_by` of `sqlgate_session_ends_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    Client,
+    Upstream,
+    /// sqlgate itself: drain grace over, allowlist changed.
+    Sqlgate,
+}
+
+/// How a session ended (`outcome` of `sqlgate_session_ends_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndOutcome {
+    /// A close: Terminate, EOF, or the server's own FATAL.
+    Closed,
+    /// A reset, broken pipe, TLS alert or protocol error.
+    Error,
+    /// A timeout: TCP_USER_TIMEOUT, the startup deadline.
+    Timeout,
+    /// Cut by sqlgate.
+    Killed,
+}
+
+/// The one vocabulary for a session's end: the summary line and the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub ended_by: EndedBy,
+    pub outcome: EndOutcome,
+}
+
+impl EndedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Client => "client",
+            EndedBy::Upstream => "upstream",
+            EndedBy::Sqlgate => "sqlgate",
+        }
+    }
+}
+
+impl EndOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndOutcome::Closed => "closed",
+            EndOutcome::Error => "error",
+            EndOutcome::Timeout => "timeout",
+            EndOutcome::Killed => "killed",
+        }
+    }
+}
+
+impl SessionEnd {
+    /// Counts it in `sqlgate_session_ends_total`.
+    pub fn record(self) {
+        metrics::counter!(SESSION_ENDS_TOTAL, "ended_by" => self.ended_by.as_str(), "outcome" => self.outcome.as_str())
+            .increment(1);
+    }
+}
+
 /// `direction` of `sqlgate_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -270,6 +331,10 @@ fn describe() {
         UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS,
         Unit::Seconds,
         "When the node's certificate expires (Unix time)."
+    );
+    describe_counter!(
+        SESSION_ENDS_TOTAL,
+        "Sessions that reached a node, by who ended them (client, upstream, sqlgate) and how."
     );
     describe_counter!(
         STARTUP_RETRIES_TOTAL,

@@ -30,6 +30,31 @@ pub const READ_SIZE: usize = 16 * 1024;
 /// deliver what is in flight and close too.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// One end of a relayed session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// An I/O error of the relay, with the side whose socket failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{} connection failed: {source}", side.as_str())]
+pub struct RelayError {
+    pub side: Side,
+    #[source]
+    pub source: io::Error,
+}
+
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -49,21 +74,24 @@ where
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut moved = Transferred::default();
-    relay_counted(client, upstream, &mut moved).await?;
+    relay_counted(client, upstream, &mut moved)
+        .await
+        .map_err(|e| e.source)?;
     Ok(moved)
 }
 
 /// [`relay`], keeping the byte counts in `moved` as it goes, so that they are
 /// known even when the relay fails or its future is dropped (a session cut by
-/// sqlgate).
+/// sqlgate). Returns the side that closed first.
 ///
 /// # Errors
-/// The first I/O error on either side (reset, broken pipe, TLS error).
+/// The first I/O error on either side (reset, broken pipe, TLS error, a
+/// TCP_USER_TIMEOUT), with the side whose socket failed.
 pub async fn relay_counted<C, U>(
     client: &mut C,
     upstream: &mut U,
     moved: &mut Transferred,
-) -> io::Result<()>
+) -> Result<Side, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
@@ -71,7 +99,7 @@ where
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
     // Polls both directions once, records the counts, and says which have ended.
-    let mut step = |cx: &mut Context<'_>| -> io::Result<(bool, bool)> {
+    let mut step = |cx: &mut Context<'_>| -> Result<(bool, bool), RelayError> {
         let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
         let down = to_client.poll(cx, &mut *upstream, &mut *client);
         *moved = Transferred {
@@ -82,11 +110,16 @@ where
     };
 
     // Until one direction has ended (EOF read and the peer's write half shut).
-    poll_fn(|cx| match step(cx) {
+    let (client_closed, _) = poll_fn(|cx| match step(cx) {
         Ok((false, false)) => Poll::Pending,
-        other => Poll::Ready(other.map(drop)),
+        other => Poll::Ready(other),
     })
     .await?;
+    let first = if client_closed {
+        Side::Client
+    } else {
+        Side::Upstream
+    };
 
     // Then, briefly, for the other one.
     let rest = poll_fn(|cx| match step(cx) {
@@ -97,7 +130,12 @@ where
     if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, rest).await {
         ended?;
     }
-    Ok(())
+    Ok(first)
+}
+
+/// Tags an I/O error with the side whose socket it came from.
+fn on(side: Side) -> impl FnOnce(io::Error) -> RelayError {
+    move |source| RelayError { side, source }
 }
 
 /// What both directions track.
@@ -190,7 +228,7 @@ impl FromClient {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Result<(), RelayError>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -205,7 +243,7 @@ impl FromClient {
                     .state
                     .poll_write(cx, writer, &self.pending[self.written..])
                 {
-                    Poll::Ready(r) => r?,
+                    Poll::Ready(r) => r.map_err(on(Side::Upstream))?,
                     Poll::Pending => return Poll::Pending,
                 };
                 self.written += n;
@@ -216,14 +254,19 @@ impl FromClient {
                 self.written = 0;
             }
             if self.state.read_eof {
-                return self.state.poll_finish(cx, writer);
+                return self
+                    .state
+                    .poll_finish(cx, writer)
+                    .map_err(on(Side::Upstream));
             }
 
             let mut buf = ReadBuf::uninit(&mut stack);
             match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return self.state.poll_idle(cx, writer),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Client)(e))),
+                Poll::Pending => {
+                    return self.state.poll_idle(cx, writer).map_err(on(Side::Upstream));
+                }
             }
             let data = buf.filled();
             if data.is_empty() {
@@ -233,7 +276,7 @@ impl FromClient {
             let mut written = 0;
             while written < data.len() {
                 match self.state.poll_write(cx, writer, &data[written..]) {
-                    Poll::Ready(r) => written += r?,
+                    Poll::Ready(r) => written += r.map_err(on(Side::Upstream))?,
                     Poll::Pending => {
                         self.pending = data[written..].to_vec();
                         self.written = 0;
@@ -258,7 +301,7 @@ impl FromUpstream {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Result<(), RelayError>>
     where
         R: AsyncBufRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -268,19 +311,21 @@ impl FromUpstream {
         }
         loop {
             if self.state.read_eof {
-                return self.state.poll_finish(cx, writer);
+                return self.state.poll_finish(cx, writer).map_err(on(Side::Client));
             }
             let data = match Pin::new(&mut *reader).poll_fill_buf(cx) {
                 Poll::Ready(Ok(data)) => data,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return self.state.poll_idle(cx, writer),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Upstream)(e))),
+                Poll::Pending => {
+                    return self.state.poll_idle(cx, writer).map_err(on(Side::Client));
+                }
             };
             if data.is_empty() {
                 self.state.read_eof = true;
                 continue;
             }
             let n = match self.state.poll_write(cx, writer, data) {
-                Poll::Ready(r) => r?,
+                Poll::Ready(r) => r.map_err(on(Side::Client))?,
                 Poll::Pending => return Poll::Pending,
             };
             Pin::new(&mut *reader).consume(n);
@@ -356,6 +401,40 @@ mod tests {
         drop(client);
         let moved = relay.await.expect("join").expect("relay");
         assert_eq!(moved.to_client, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn says_which_side_closed_first_and_whose_socket_failed() {
+        let (mut client, mut client_end) = duplex(64);
+        let (upstream_end, _upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        let mut moved = Transferred::default();
+        client.shutdown().await.expect("client closes");
+        drop(client);
+        let first = relay_counted(&mut client_end, &mut upstream_end, &mut moved)
+            .await
+            .expect("a clean end");
+        assert_eq!(first, Side::Client);
+
+        let (client, mut client_end) = duplex(64);
+        let (upstream_end, mut upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        drop(client); // writes to the client now fail
+        upstream.write_all(b"late answer").await.expect("write");
+        let e = relay_counted(&mut client_end, &mut upstream_end, &mut moved).await;
+        match e {
+            Ok(side) => assert_eq!(side, Side::Client, "the client went away first"),
+            Err(e) => assert_eq!(e.side, Side::Client, "{e}"),
+        }
+
+        let (_client, mut client_end) = duplex(64);
+        let (upstream_end, mut upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        upstream.shutdown().await.expect("upstream closes");
+        let first = relay_counted(&mut client_end, &mut upstream_end, &mut moved)
+            .await
+            .expect("a clean end");
+        assert_eq!(first, Side::Upstream);
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,13 +16,13 @@ use tracing::Instrument;
 use crate::allowlist::Allowlist;
 use crate::cancel::{CancelOutcome, CancelTable, CancelTarget, Registration};
 use crate::config::Config;
-use crate::metrics::{self as m, ConnectionOutcome, Direction};
+use crate::metrics::{self as m, ConnectionOutcome, Direction, EndOutcome, EndedBy, SessionEnd};
 use crate::pgwire::ProtocolError;
 use crate::pgwire::backend::BackendKeyData;
 use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
 use crate::pgwire::startup::{Event, ServerError, StartupRelay};
-use crate::relay::{self, Transferred};
+use crate::relay::{self, RelayError, Side, Transferred};
 use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
 
@@ -79,7 +79,13 @@ pub enum SessionError {
     #[error("server broke the protocol during startup: {0}")]
     Upstream(ProtocolError),
     #[error("node {node} {what}")]
-    StartupBroken { node: String, what: String },
+    StartupBroken {
+        node: String,
+        what: String,
+        timed_out: bool,
+    },
+    #[error("{0}")]
+    Relay(RelayError),
     #[error("the node refused the session: {} {}", .0.code, .0.message)]
     ServerRefused(ServerError),
     #[error("I/O error: {0}")]
@@ -107,7 +113,10 @@ impl SessionError {
                 SqlState::INVALID_AUTHORIZATION,
                 "sqlgate: your address is not in this listener's allowlist; add it to `allow` in the sqlgate config".to_owned(),
             ),
-            SessionError::Protocol(ProtocolError::Closed) | SessionError::Io(_) | SessionError::Killed => return None,
+            SessionError::Protocol(ProtocolError::Closed)
+            | SessionError::Io(_)
+            | SessionError::Killed
+            | SessionError::Relay(_) => return None,
             SessionError::Protocol(e) => (SqlState::PROTOCOL_VIOLATION, format!("sqlgate: invalid startup packet: {e}")),
             SessionError::BytesAfterSslRequest => (
                 SqlState::PROTOCOL_VIOLATION,
@@ -142,7 +151,7 @@ impl SessionError {
                 SqlState::CONNECTION_FAILURE,
                 format!("sqlgate: the cluster node broke the protocol: {e}"),
             ),
-            SessionError::StartupBroken { node, what } => (
+            SessionError::StartupBroken { node, what, .. } => (
                 SqlState::CONNECTION_FAILURE,
                 format!("sqlgate: cluster node {node} {what}; reconnect to be sent to a healthy node"),
             ),
@@ -265,19 +274,51 @@ where
     let duration = started.elapsed();
     metrics::histogram!(m::SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
     // The one summary line, with the bytes moved however the session ended.
-    let (outcome, error) = match &result {
-        Ok(()) => ("closed", None),
-        Err(SessionError::Killed) => ("killed", None),
-        Err(e) => ("error", Some(e)),
-    };
+    let end = session_end(&result);
+    end.record();
     tracing::info!(
         duration_ms = duration.as_millis() as u64,
         bytes.to_upstream = moved.to_upstream,
         bytes.to_client = moved.to_client,
-        outcome,
-        error = error.map(tracing::field::display),
+        ended_by = end.ended_by.as_str(),
+        outcome = end.outcome.as_str(),
+        error = result.as_ref().err().map(tracing::field::display),
         "session ended"
     );
+}
+
+/// Who ended a session that reached a node, and how.
+fn session_end(result: &Result<Side, SessionError>) -> SessionEnd {
+    let (ended_by, outcome) = match result {
+        Ok(Side::Client) => (EndedBy::Client, EndOutcome::Closed),
+        Ok(Side::Upstream) => (EndedBy::Upstream, EndOutcome::Closed),
+        Err(SessionError::Killed) => (EndedBy::Sqlgate, EndOutcome::Killed),
+        Err(SessionError::Relay(e)) => (
+            match e.side {
+                Side::Client => EndedBy::Client,
+                Side::Upstream => EndedBy::Upstream,
+            },
+            match e.source.kind() {
+                std::io::ErrorKind::TimedOut => EndOutcome::Timeout,
+                // A close without TLS close_notify is still a close.
+                std::io::ErrorKind::UnexpectedEof => EndOutcome::Closed,
+                _ => EndOutcome::Error,
+            },
+        ),
+        Err(SessionError::StartupBroken { timed_out, .. }) => (
+            EndedBy::Upstream,
+            if *timed_out {
+                EndOutcome::Timeout
+            } else {
+                EndOutcome::Error
+            },
+        ),
+        // The node's own FATAL (e.g. a failed login): it closed the session.
+        Err(SessionError::ServerRefused(_)) => (EndedBy::Upstream, EndOutcome::Closed),
+        Err(SessionError::Upstream(_)) => (EndedBy::Upstream, EndOutcome::Error),
+        Err(_) => (EndedBy::Client, EndOutcome::Error),
+    };
+    SessionEnd { ended_by, outcome }
 }
 
 /// Reads the client's startup packets: SSLRequest and GSSENCRequest are refused
@@ -317,7 +358,7 @@ async fn proxy<S>(
     ctx: &SessionContext,
     client: &mut S,
     opened: Opened,
-) -> (Transferred, Result<(), SessionError>)
+) -> (Transferred, Result<Side, SessionError>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -347,6 +388,7 @@ where
             r.unwrap_or_else(|_| Err(SessionError::StartupBroken {
                 node: node.id().to_string(),
                 what: format!("did not finish the startup within {} (upstream.startup_timeout)", humantime::format_duration(deadline)),
+                timed_out: true,
             }))
         }
         () = ctx.killed() => Err(SessionError::Killed),
@@ -357,13 +399,17 @@ where
             let e = SessionError::StartupBroken {
                 node: node.id().to_string(),
                 what: format!("broke the protocol: {e}"),
+                timed_out: false,
             };
             return (count_bytes(in_startup), Err(e));
         }
-        Err(SessionError::StartupBroken { what, .. }) => {
+        Err(SessionError::StartupBroken {
+            what, timed_out, ..
+        }) => {
             let e = SessionError::StartupBroken {
                 node: node.id().to_string(),
                 what,
+                timed_out,
             };
             return (count_bytes(in_startup), Err(e));
         }
@@ -376,14 +422,18 @@ where
         () = ctx.killed() => None,
     };
     let result = match ended {
-        Some(Ok(())) => Ok(()),
+        Some(Ok(side)) => Ok(side),
         Some(Err(e)) => {
-            // A reset or broken pipe mid-session: the session is over either way.
-            tracing::debug!(error = %e, "relay ended with an error");
-            if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
-                node.metrics.upstream_error(upstream::ErrorKind::Timeout);
+            if e.side == Side::Upstream && e.source.kind() != std::io::ErrorKind::UnexpectedEof {
+                // A broken connection to the node counts against it.
+                node.metrics
+                    .upstream_error(if e.source.kind() == std::io::ErrorKind::TimedOut {
+                        upstream::ErrorKind::Timeout
+                    } else {
+                        upstream::ErrorKind::Reset
+                    });
             }
-            Ok(())
+            Err(SessionError::Relay(e))
         }
         None => {
             if let Some(registration) = &registration {
@@ -470,6 +520,7 @@ where
                     Err(e) => Err(SessionError::StartupBroken {
                         node: String::new(),
                         what: format!("broke the connection during the startup: {e}"),
+                        timed_out: e.kind() == std::io::ErrorKind::TimedOut,
                     }),
                     ok => ok.map_err(SessionError::Io),
                 };
@@ -480,6 +531,7 @@ where
                         None => SessionError::StartupBroken {
                             node: String::new(),
                             what: "closed the connection during the startup".to_owned(),
+                            timed_out: false,
                         },
                     });
                 }
