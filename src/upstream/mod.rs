@@ -35,6 +35,10 @@ pub struct Connection {
     pub addr: SocketAddr,
     /// TCP connect plus TLS handshake.
     pub elapsed: Duration,
+    /// One round trip to the node through the network path: the SSLRequest
+    /// and its answer (or, with direct TLS, the TLS 1.3 handshake, one round
+    /// trip). Unlike the TCP connect it crosses any proxy on the way.
+    pub round_trip: Duration,
 }
 
 /// Why a dial failed. Every variant happens before the StartupMessage is sent,
@@ -159,12 +163,13 @@ pub async fn connect_with(
         let addrs = resolve(node).await?;
         let mut last = None;
         for addr in addrs {
-            match dial(node, addr, negotiation, tls, user_timeout).await {
-                Ok(stream) => {
+            match dial_timed(node, addr, negotiation, tls, user_timeout).await {
+                Ok((stream, round_trip)) => {
                     return Ok(Connection {
                         stream,
                         addr,
                         elapsed: started.elapsed(),
+                        round_trip,
                     });
                 }
                 Err(e) => last = Some(e),
@@ -195,6 +200,9 @@ async fn resolve(node: &NodeConfig) -> Result<Vec<SocketAddr>, UpstreamError> {
 }
 
 /// One address: TCP, negotiation, handshake.
+///
+/// # Errors
+/// Any [`UpstreamError`] but `Resolve` and `Timeout`.
 pub async fn dial(
     node: &NodeConfig,
     addr: SocketAddr,
@@ -202,13 +210,31 @@ pub async fn dial(
     tls: &Arc<rustls::ClientConfig>,
     user_timeout: Duration,
 ) -> Result<UpstreamStream, UpstreamError> {
+    dial_timed(node, addr, negotiation, tls, user_timeout)
+        .await
+        .map(|(stream, _)| stream)
+}
+
+/// [`dial`], also returning one round trip's time (see
+/// [`Connection::round_trip`]).
+async fn dial_timed(
+    node: &NodeConfig,
+    addr: SocketAddr,
+    negotiation: Negotiation,
+    tls: &Arc<rustls::ClientConfig>,
+    user_timeout: Duration,
+) -> Result<(UpstreamStream, Duration), UpstreamError> {
     let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| UpstreamError::Connect { addr, source })?;
     tune_socket(&tcp, user_timeout);
+    let mut round_trip = None;
     if negotiation == Negotiation::Postgres {
+        let asked = Instant::now();
         request_tls(&mut tcp).await?;
+        round_trip = Some(asked.elapsed());
     }
+    let handshake_started = Instant::now();
     let name =
         tls::server_name(&node.host).map_err(|source| UpstreamError::Connect { addr, source })?;
     let stream = TlsConnector::from(Arc::clone(tls))
@@ -220,7 +246,10 @@ pub async fn dial(
     {
         return Err(UpstreamError::NoAlpn);
     }
-    Ok(stream)
+    Ok((
+        stream,
+        round_trip.unwrap_or_else(|| handshake_started.elapsed()),
+    ))
 }
 
 /// Sends SSLRequest and reads exactly one byte of answer.
