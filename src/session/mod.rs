@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -28,7 +28,7 @@ use crate::shutdown::{Phase, PhaseWatch};
 
 mod open;
 
-use crate::upstream::{self, UpstreamStream};
+use crate::upstream::{self, Dialer, TlsDialer};
 pub use open::Attempt;
 use open::{Opened, open};
 
@@ -187,6 +187,15 @@ pub async fn serve<S>(ctx: SessionContext, client: S, peer: Option<SocketAddr>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    serve_with(ctx, client, peer, &TlsDialer).await;
+}
+
+/// [`serve`], reaching nodes through `dialer` (tests hand in-memory nodes).
+pub async fn serve_with<S, D>(ctx: SessionContext, client: S, peer: Option<SocketAddr>, dialer: &D)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Dialer,
+{
     let span = tracing::info_span!(
         "session",
         session.id = ctx.id,
@@ -195,12 +204,13 @@ where
         node = tracing::field::Empty,
         region = tracing::field::Empty,
     );
-    run(ctx, client, peer).instrument(span).await;
+    run(ctx, client, peer, dialer).instrument(span).await;
 }
 
-async fn run<S>(ctx: SessionContext, mut client: S, peer: Option<SocketAddr>)
+async fn run<S, D>(ctx: SessionContext, mut client: S, peer: Option<SocketAddr>, dialer: &D)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Dialer,
 {
     let started = Instant::now();
     // The later steps are boxed: their futures (TLS state, cancel forwarding) are
@@ -250,7 +260,7 @@ where
     }
     let mut first_flight = startup.encode();
     first_flight.extend_from_slice(&client_leftover);
-    let opened = match Box::pin(open(&ctx, &first_flight)).await {
+    let opened = match Box::pin(open(&ctx, dialer, &first_flight)).await {
         Ok(opened) => opened,
         Err(e) => return reject(&ctx, &mut client, e).await,
     };
@@ -354,13 +364,14 @@ where
 }
 
 /// Startup relay, then byte relay. Bytes are counted as they pass.
-async fn proxy<S>(
+async fn proxy<S, U>(
     ctx: &SessionContext,
     client: &mut S,
-    opened: Opened,
+    opened: Opened<U>,
 ) -> (Transferred, Result<Side, SessionError>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncBufRead + AsyncWrite + Unpin + Send,
 {
     let Opened {
         node,
@@ -463,16 +474,17 @@ fn count_bytes(moved: Transferred) -> Transferred {
 /// [`StartupRelay`]), while the client's answers (SASL responses, passwords)
 /// flow to the server at the same time. Bytes are counted in `moved` as they
 /// pass.
-async fn startup_relay<S>(
+async fn startup_relay<S, U>(
     ctx: &SessionContext,
     client: &mut S,
-    upstream: &mut UpstreamStream,
+    upstream: &mut U,
     mut relay: StartupRelay,
     target: impl Fn(BackendKeyData) -> CancelTarget,
     moved: &mut Transferred,
 ) -> Result<Option<Registration>, SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut from_client = BytesMut::with_capacity(1024);
     let mut out = Vec::with_capacity(4096);
@@ -588,3 +600,6 @@ where
     }
     let _ = client.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests;

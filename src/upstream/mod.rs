@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::Future;
+
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -29,8 +31,8 @@ use crate::tls::{self, ALPN_POSTGRESQL, Negotiation};
 pub type UpstreamStream = TlsStream<TcpStream>;
 
 /// What a successful dial produced.
-pub struct Connection {
-    pub stream: UpstreamStream,
+pub struct Connection<S = UpstreamStream> {
+    pub stream: S,
     /// The address actually dialed (cancel requests go to the same one).
     pub addr: SocketAddr,
     /// TCP connect plus TLS handshake.
@@ -39,6 +41,38 @@ pub struct Connection {
     /// and its answer (or, with direct TLS, the TLS 1.3 handshake, one round
     /// trip). Unlike the TCP connect it crosses any proxy on the way.
     pub round_trip: Duration,
+}
+
+/// How sessions reach a node: the seam between the session and the network.
+/// [`TlsDialer`] is the real one (TCP + verified TLS); tests hand the session
+/// in-memory streams instead, so that session-level timeouts run under
+/// paused time.
+pub trait Dialer: Send + Sync {
+    /// The verified session to a node, ready for the StartupMessage.
+    type Stream: AsyncRead + AsyncBufRead + AsyncWrite + Unpin + Send;
+
+    /// Opens a session to `node`, bounded by `cfg.connect_timeout`.
+    fn dial(
+        &self,
+        node: &NodeConfig,
+        cfg: &UpstreamConfig,
+    ) -> impl Future<Output = Result<Connection<Self::Stream>, UpstreamError>> + Send;
+}
+
+/// The real dialer: [`connect`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsDialer;
+
+impl Dialer for TlsDialer {
+    type Stream = UpstreamStream;
+
+    fn dial(
+        &self,
+        node: &NodeConfig,
+        cfg: &UpstreamConfig,
+    ) -> impl Future<Output = Result<Connection, UpstreamError>> + Send {
+        connect(node, cfg)
+    }
 }
 
 /// Why a dial failed. Every variant happens before the StartupMessage is sent,
