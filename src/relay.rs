@@ -30,6 +30,39 @@ pub const READ_SIZE: usize = 16 * 1024;
 /// deliver what is in flight and close too.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Sees what the relay forwards (session pooling's boundary tracking). The
+/// plain relay uses [`NoObserver`], which compiles to nothing.
+pub trait Observer {
+    /// Client bytes about to go to the upstream: returns how many of them to
+    /// forward. Fewer than `data.len()` ends the client's direction there
+    /// (the rest is dropped), as if the client had closed.
+    fn from_client(&mut self, data: &[u8]) -> usize {
+        data.len()
+    }
+    /// Upstream bytes the client took.
+    fn from_upstream(&mut self, _data: &[u8]) {}
+    /// Whether the upstream's write half is shut down when the client's
+    /// direction ends. `false` keeps the server session open (pooling); the
+    /// relay then ends as soon as the client's direction does.
+    const CLOSES_UPSTREAM: bool = true;
+}
+
+/// The plain relay's observer: forwards everything, closes the upstream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}
+
+impl<O: Observer + ?Sized> Observer for &mut O {
+    fn from_client(&mut self, data: &[u8]) -> usize {
+        (**self).from_client(data)
+    }
+    fn from_upstream(&mut self, data: &[u8]) {
+        (**self).from_upstream(data);
+    }
+    const CLOSES_UPSTREAM: bool = O::CLOSES_UPSTREAM;
+}
+
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -68,12 +101,32 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
 {
+    relay_observed(client, upstream, moved, &mut NoObserver).await
+}
+
+/// [`relay_counted`], showing every forwarded chunk to `observer` (see
+/// [`Observer`]). With `O::CLOSES_UPSTREAM == false` the relay ends when the
+/// client's direction does, leaving the upstream open and unshut.
+///
+/// # Errors
+/// The first I/O error on either side (reset, broken pipe, TLS error).
+pub async fn relay_observed<C, U, O>(
+    client: &mut C,
+    upstream: &mut U,
+    moved: &mut Transferred,
+    observer: &mut O,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
+    O: Observer,
+{
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
     // Polls both directions once, records the counts, and says which have ended.
     let mut step = |cx: &mut Context<'_>| -> io::Result<(bool, bool)> {
-        let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
-        let down = to_client.poll(cx, &mut *upstream, &mut *client);
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream, &mut *observer);
+        let down = to_client.poll(cx, &mut *upstream, &mut *client, &mut *observer);
         *moved = Transferred {
             to_upstream: to_upstream.state.moved,
             to_client: to_client.state.moved,
@@ -82,11 +135,15 @@ where
     };
 
     // Until one direction has ended (EOF read and the peer's write half shut).
-    poll_fn(|cx| match step(cx) {
+    let (client_done, _) = poll_fn(|cx| match step(cx) {
         Ok((false, false)) => Poll::Pending,
-        other => Poll::Ready(other.map(drop)),
+        other => Poll::Ready(other),
     })
     .await?;
+    if client_done && !O::CLOSES_UPSTREAM {
+        // The server session stays open: nothing to wait for.
+        return Ok(());
+    }
 
     // Then, briefly, for the other one.
     let rest = poll_fn(|cx| match step(cx) {
@@ -185,15 +242,17 @@ struct FromClient {
 }
 
 impl FromClient {
-    fn poll<R, W>(
+    fn poll<R, W, O>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        observer: &mut O,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
+        O: Observer,
     {
         if self.state.done {
             return Poll::Ready(Ok(()));
@@ -216,6 +275,15 @@ impl FromClient {
                 self.written = 0;
             }
             if self.state.read_eof {
+                if !O::CLOSES_UPSTREAM {
+                    // Flush, but keep the upstream open for the next client.
+                    if self.state.needs_flush {
+                        std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        self.state.needs_flush = false;
+                    }
+                    self.state.done = true;
+                    return Poll::Ready(Ok(()));
+                }
                 return self.state.poll_finish(cx, writer);
             }
 
@@ -225,10 +293,15 @@ impl FromClient {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return self.state.poll_idle(cx, writer),
             }
-            let data = buf.filled();
+            let mut data = buf.filled();
             if data.is_empty() {
                 self.state.read_eof = true;
                 continue;
+            }
+            let keep = observer.from_client(data);
+            if keep < data.len() {
+                data = &data[..keep];
+                self.state.read_eof = true;
             }
             let mut written = 0;
             while written < data.len() {
@@ -253,15 +326,17 @@ struct FromUpstream {
 }
 
 impl FromUpstream {
-    fn poll<R, W>(
+    fn poll<R, W, O>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        observer: &mut O,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncBufRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
+        O: Observer,
     {
         if self.state.done {
             return Poll::Ready(Ok(()));
@@ -283,6 +358,7 @@ impl FromUpstream {
                 Poll::Ready(r) => r?,
                 Poll::Pending => return Poll::Pending,
             };
+            observer.from_upstream(&data[..n]);
             Pin::new(&mut *reader).consume(n);
         }
     }
