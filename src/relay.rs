@@ -36,11 +36,11 @@ pub trait Observer {
     /// Client bytes about to go to the upstream: returns how many of them to
     /// forward. Fewer than `data.len()` ends the client's direction there
     /// (the rest is dropped), as if the client had closed.
-    fn from_client(&mut self, data: &[u8]) -> usize {
+    fn client_bytes(&mut self, data: &[u8]) -> usize {
         data.len()
     }
     /// Upstream bytes the client took.
-    fn from_upstream(&mut self, _data: &[u8]) {}
+    fn upstream_bytes(&mut self, _data: &[u8]) {}
     /// Whether the upstream's write half is shut down when the client's
     /// direction ends. `false` keeps the server session open (pooling); the
     /// relay then ends as soon as the client's direction does.
@@ -54,11 +54,11 @@ pub struct NoObserver;
 impl Observer for NoObserver {}
 
 impl<O: Observer + ?Sized> Observer for &mut O {
-    fn from_client(&mut self, data: &[u8]) -> usize {
-        (**self).from_client(data)
+    fn client_bytes(&mut self, data: &[u8]) -> usize {
+        (**self).client_bytes(data)
     }
-    fn from_upstream(&mut self, data: &[u8]) {
-        (**self).from_upstream(data);
+    fn upstream_bytes(&mut self, data: &[u8]) {
+        (**self).upstream_bytes(data);
     }
     const CLOSES_UPSTREAM: bool = O::CLOSES_UPSTREAM;
 }
@@ -298,7 +298,7 @@ impl FromClient {
                 self.state.read_eof = true;
                 continue;
             }
-            let keep = observer.from_client(data);
+            let keep = observer.client_bytes(data);
             if keep < data.len() {
                 data = &data[..keep];
                 self.state.read_eof = true;
@@ -358,7 +358,7 @@ impl FromUpstream {
                 Poll::Ready(r) => r?,
                 Poll::Pending => return Poll::Pending,
             };
-            observer.from_upstream(&data[..n]);
+            observer.upstream_bytes(&data[..n]);
             Pin::new(&mut *reader).consume(n);
         }
     }
