@@ -207,6 +207,7 @@ impl Daemon {
                 &initial.health,
             )),
             cancels: Arc::new(CancelTable::new()),
+            pool: crate::pool::Pool::new(),
             lifecycle: lifecycle.clone(),
             sessions: sessions.clone(),
             limit: Arc::clone(&limit),
@@ -216,6 +217,13 @@ impl Daemon {
             prober: std::sync::Mutex::new(None),
         });
         state.restart_prober(&initial);
+        // Pooled server sessions: reaped while serving, closed at the drain.
+        let pool_config = Arc::clone(&state);
+        tokio::spawn(Arc::clone(&state.pool).run(
+            Arc::clone(&state.router),
+            move || pool_config.config.load_full(),
+            phase.clone(),
+        ));
         let workers =
             Arc::new(Workers::start(initial.limits.workers).map_err(DaemonError::Workers)?);
         tracing::debug!(workers = workers.len(), "session workers started");
@@ -403,6 +411,7 @@ struct State {
     config: ArcSwap<Config>,
     router: Arc<Router>,
     cancels: Arc<CancelTable>,
+    pool: Arc<crate::pool::Pool>,
     lifecycle: Lifecycle,
     /// The lifecycle sessions watch: `lifecycle` itself, or one without the
     /// draining phase on sockets inherited from systemd (see [`Daemon::run`]).
@@ -444,6 +453,7 @@ impl State {
             allow: listener.allow(),
             router: Arc::clone(&self.router),
             cancels: Arc::clone(&self.cancels),
+            pool: Arc::clone(&self.pool),
             kill,
             lifecycle: self.sessions.watch(),
         }

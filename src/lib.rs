@@ -26,6 +26,7 @@
 //! - [`nodes`]: `sqlgate nodes`: probe every node once and print the table.
 //! - [`cancel`]: cancel key table and forwarding.
 //! - [`auth`]: pooling's auth: `auth_file`, SCRAM server (clients) and client (nodes).
+//! - [`pool`]: session pooling's server sessions per node: checkout, release, reaping.
 //! - [`relay`]: the bidirectional byte copy.
 //! - [`metrics`]: metric names and label values; `/metrics`, `/healthz`, `/readyz`.
 //! - [`init`]: `sqlgate init`: a config from a cluster's connection string.
@@ -48,6 +49,7 @@ pub mod listener;
 pub mod metrics;
 pub mod nodes;
 pub mod pgwire;
+pub mod pool;
 pub mod relay;
 pub mod routing;
 pub mod session;

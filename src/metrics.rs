@@ -49,6 +49,44 @@ pub const UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
 /// `node`, `reason`: a node refused a session before authentication and the
 /// session moved on to the next candidate.
 pub const STARTUP_RETRIES_TOTAL: &str = "sqlgate_startup_retries_total";
+/// `node`, `state` (idle, active): pooled server sessions.
+pub const POOL_SERVER_SESSIONS: &str = "sqlgate_pool_server_sessions";
+/// `outcome` (reused, opened, timeout).
+pub const POOL_CHECKOUTS_TOTAL: &str = "sqlgate_pool_checkouts_total";
+/// How long checkouts waited for a server session.
+pub const POOL_WAIT_SECONDS: &str = "sqlgate_pool_wait_seconds";
+
+/// `outcome` of `sqlgate_pool_checkouts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolCheckout {
+    Reused,
+    Opened,
+    Timeout,
+}
+
+impl PoolCheckout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolCheckout::Reused => "reused",
+            PoolCheckout::Opened => "opened",
+            PoolCheckout::Timeout => "timeout",
+        }
+    }
+}
+
+/// Counts one checkout and its wait.
+pub fn pool_checkout(outcome: PoolCheckout, waited: std::time::Duration) {
+    metrics::counter!(POOL_CHECKOUTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    metrics::histogram!(POOL_WAIT_SECONDS).record(waited.as_secs_f64());
+}
+
+/// Sets a node's pooled server session gauges.
+pub fn pool_sessions(node: &str, idle: usize, active: usize) {
+    metrics::gauge!(POOL_SERVER_SESSIONS, "node" => node.to_owned(), "state" => "idle")
+        .set(idle as f64);
+    metrics::gauge!(POOL_SERVER_SESSIONS, "node" => node.to_owned(), "state" => "active")
+        .set(active as f64);
+}
 
 /// `ended_by`, `outcome`: who ended each session that reached a node, and how.
 pub const SESSION_ENDS_TOTAL: &str = "sqlgate_session_ends_total";
@@ -327,6 +365,16 @@ fn describe() {
     );
     describe_counter!(CANCEL_REQUESTS_TOTAL, "Cancel requests, by outcome.");
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads (SIGHUP), by outcome.");
+    describe_gauge!(
+        POOL_SERVER_SESSIONS,
+        "Pooled server sessions per node, idle or active."
+    );
+    describe_counter!(POOL_CHECKOUTS_TOTAL, "Pool checkouts, by outcome.");
+    describe_histogram!(
+        POOL_WAIT_SECONDS,
+        Unit::Seconds,
+        "How long a checkout waited for a server session."
+    );
     describe_gauge!(
         UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS,
         Unit::Seconds,

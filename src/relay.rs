@@ -55,6 +55,44 @@ pub struct RelayError {
     pub source: io::Error,
 }
 
+/// Tags an I/O error with the side whose socket it came from.
+fn on(side: Side) -> impl FnOnce(io::Error) -> RelayError {
+    move |source| RelayError { side, source }
+}
+
+/// Sees what the relay forwards (session pooling's boundary tracking). The
+/// plain relay uses [`NoObserver`], which compiles to nothing.
+pub trait Observer {
+    /// Client bytes about to go to the upstream: returns how many of them to
+    /// forward. Fewer than `data.len()` ends the client's direction there
+    /// (the rest is dropped), as if the client had closed.
+    fn client_bytes(&mut self, data: &[u8]) -> usize {
+        data.len()
+    }
+    /// Upstream bytes the client took.
+    fn upstream_bytes(&mut self, _data: &[u8]) {}
+    /// Whether the upstream's write half is shut down when the client's
+    /// direction ends. `false` keeps the server session open (pooling); the
+    /// relay then ends as soon as the client's direction does.
+    const CLOSES_UPSTREAM: bool = true;
+}
+
+/// The plain relay's observer: forwards everything, closes the upstream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}
+
+impl<O: Observer + ?Sized> Observer for &mut O {
+    fn client_bytes(&mut self, data: &[u8]) -> usize {
+        (**self).client_bytes(data)
+    }
+    fn upstream_bytes(&mut self, data: &[u8]) {
+        (**self).upstream_bytes(data);
+    }
+    const CLOSES_UPSTREAM: bool = O::CLOSES_UPSTREAM;
+}
+
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -96,12 +134,33 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
 {
+    relay_observed(client, upstream, moved, &mut NoObserver).await
+}
+
+/// [`relay_counted`], showing every forwarded chunk to `observer` (see
+/// [`Observer`]). With `O::CLOSES_UPSTREAM == false` the relay ends when the
+/// client's direction does, leaving the upstream open and unshut. Returns
+/// the side that closed first.
+///
+/// # Errors
+/// The first I/O error on either side, with the side whose socket failed.
+pub async fn relay_observed<C, U, O>(
+    client: &mut C,
+    upstream: &mut U,
+    moved: &mut Transferred,
+    observer: &mut O,
+) -> Result<Side, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
+    O: Observer,
+{
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
     // Polls both directions once, records the counts, and says which have ended.
     let mut step = |cx: &mut Context<'_>| -> Result<(bool, bool), RelayError> {
-        let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
-        let down = to_client.poll(cx, &mut *upstream, &mut *client);
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream, &mut *observer);
+        let down = to_client.poll(cx, &mut *upstream, &mut *client, &mut *observer);
         *moved = Transferred {
             to_upstream: to_upstream.state.moved,
             to_client: to_client.state.moved,
@@ -110,16 +169,20 @@ where
     };
 
     // Until one direction has ended (EOF read and the peer's write half shut).
-    let (client_closed, _) = poll_fn(|cx| match step(cx) {
+    let (client_done, _) = poll_fn(|cx| match step(cx) {
         Ok((false, false)) => Poll::Pending,
         other => Poll::Ready(other),
     })
     .await?;
-    let first = if client_closed {
+    let first = if client_done {
         Side::Client
     } else {
         Side::Upstream
     };
+    if client_done && !O::CLOSES_UPSTREAM {
+        // The server session stays open: nothing to wait for.
+        return Ok(first);
+    }
 
     // Then, briefly, for the other one.
     let rest = poll_fn(|cx| match step(cx) {
@@ -131,11 +194,6 @@ where
         ended?;
     }
     Ok(first)
-}
-
-/// Tags an I/O error with the side whose socket it came from.
-fn on(side: Side) -> impl FnOnce(io::Error) -> RelayError {
-    move |source| RelayError { side, source }
 }
 
 /// What both directions track.
@@ -223,15 +281,17 @@ struct FromClient {
 }
 
 impl FromClient {
-    fn poll<R, W>(
+    fn poll<R, W, O>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        observer: &mut O,
     ) -> Poll<Result<(), RelayError>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
+        O: Observer,
     {
         if self.state.done {
             return Poll::Ready(Ok(()));
@@ -254,6 +314,16 @@ impl FromClient {
                 self.written = 0;
             }
             if self.state.read_eof {
+                if !O::CLOSES_UPSTREAM {
+                    // Flush, but keep the upstream open for the next client.
+                    if self.state.needs_flush {
+                        std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))
+                            .map_err(on(Side::Upstream))?;
+                        self.state.needs_flush = false;
+                    }
+                    self.state.done = true;
+                    return Poll::Ready(Ok(()));
+                }
                 return self
                     .state
                     .poll_finish(cx, writer)
@@ -265,13 +335,21 @@ impl FromClient {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Client)(e))),
                 Poll::Pending => {
-                    return self.state.poll_idle(cx, writer).map_err(on(Side::Upstream));
+                    return self
+                        .state
+                        .poll_idle(cx, writer)
+                        .map_err(on(Side::Upstream));
                 }
             }
-            let data = buf.filled();
+            let mut data = buf.filled();
             if data.is_empty() {
                 self.state.read_eof = true;
                 continue;
+            }
+            let keep = observer.client_bytes(data);
+            if keep < data.len() {
+                data = &data[..keep];
+                self.state.read_eof = true;
             }
             let mut written = 0;
             while written < data.len() {
@@ -296,28 +374,36 @@ struct FromUpstream {
 }
 
 impl FromUpstream {
-    fn poll<R, W>(
+    fn poll<R, W, O>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        observer: &mut O,
     ) -> Poll<Result<(), RelayError>>
     where
         R: AsyncBufRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
+        O: Observer,
     {
         if self.state.done {
             return Poll::Ready(Ok(()));
         }
         loop {
             if self.state.read_eof {
-                return self.state.poll_finish(cx, writer).map_err(on(Side::Client));
+                return self
+                    .state
+                    .poll_finish(cx, writer)
+                    .map_err(on(Side::Client));
             }
             let data = match Pin::new(&mut *reader).poll_fill_buf(cx) {
                 Poll::Ready(Ok(data)) => data,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Upstream)(e))),
                 Poll::Pending => {
-                    return self.state.poll_idle(cx, writer).map_err(on(Side::Client));
+                    return self
+                        .state
+                        .poll_idle(cx, writer)
+                        .map_err(on(Side::Client));
                 }
             };
             if data.is_empty() {
@@ -328,6 +414,7 @@ impl FromUpstream {
                 Poll::Ready(r) => r.map_err(on(Side::Client))?,
                 Poll::Pending => return Poll::Pending,
             };
+            observer.upstream_bytes(&data[..n]);
             Pin::new(&mut *reader).consume(n);
         }
     }

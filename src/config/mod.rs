@@ -14,7 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod pool;
 mod raw;
+
+pub use pool::{PoolConfig, PoolMode};
 
 use crate::allowlist::Allowlist;
 use crate::tls::{self, Negotiation, SslMode, TlsFiles};
@@ -54,6 +57,8 @@ pub struct Config {
     pub limits: Limits,
     pub metrics: Option<MetricsConfig>,
     pub log: LogConfig,
+    /// `[pool]`; `mode = off` without the table.
+    pub pool: PoolConfig,
 }
 
 /// Where a listener accepts clients.
@@ -375,6 +380,15 @@ impl Config {
             ));
         }
 
+        let pool = pool::validate(raw.pool, base).map_err(|e| match e {
+            Ok((span, message)) => err(span, message),
+            Err(e) => ConfigError {
+                path: e.path.clone(),
+                line: e.line,
+                message: e.message,
+            },
+        })?;
+
         Ok(Config {
             path: path.to_owned(),
             listeners,
@@ -385,6 +399,7 @@ impl Config {
             limits,
             metrics,
             log,
+            pool,
         })
     }
 
@@ -435,6 +450,7 @@ impl Config {
             let via = n.addr.map(|a| format!(" via {a}")).unwrap_or_default();
             let _ = writeln!(out, "node: {} region={}{via}", n.id, n.region);
         }
+        let _ = writeln!(out, "{}", self.pool.describe());
         out
     }
 
@@ -456,6 +472,13 @@ impl Config {
         {
             out.push(format!("routing.region {region:?} has no nodes"));
         }
+        out.extend(
+            self.pool
+                .userlist
+                .warnings()
+                .iter()
+                .map(ToString::to_string),
+        );
         out.extend(expiry_warnings(
             &self.upstream.ca_file,
             std::time::SystemTime::now(),

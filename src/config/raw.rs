@@ -43,6 +43,7 @@ pub(super) struct RawConfig {
     pub(super) metrics: Option<RawMetrics>,
     #[serde(default)]
     pub(super) log: RawLog,
+    pub(super) pool: Option<super::pool::RawPool>,
 }
 
 #[derive(Deserialize)]

@@ -22,6 +22,8 @@ impl SqlState {
     pub const REJECTED_ESTABLISHMENT: SqlState = SqlState("08004");
     /// `admin_shutdown`: the daemon is draining.
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    /// `invalid_password`: pooling, the client's password or SCRAM proof is wrong.
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
 
     pub fn code(self) -> &'static str {
         self.0

@@ -8,11 +8,14 @@
 //!   key).
 //! - [`startup`]: the server's startup flow as a sans-I/O state machine (bytes
 //!   in; bytes for the client and events out), which the session drives.
+//! - [`boundary`]: message boundaries of a relayed session (pooling: may a
+//!   server session serve the next client?), a header scan only.
 //! - [`error`]: the ErrorResponse sqlgate sends to clients itself.
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
 
 pub mod backend;
+pub mod boundary;
 pub mod error;
 pub mod frontend;
 pub mod startup;

@@ -27,6 +27,7 @@ use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
 
 mod open;
+mod pooled;
 
 use crate::upstream::{self, Dialer, TlsDialer};
 pub use open::Attempt;
@@ -43,6 +44,8 @@ pub struct SessionContext {
     pub allow: Option<Arc<Allowlist>>,
     pub router: Arc<Router>,
     pub cancels: Arc<CancelTable>,
+    /// Session pooling's server sessions (unused with `[pool] mode = "off"`).
+    pub pool: Arc<crate::pool::Pool>,
     /// Cancelled to end this session at once (allowlist change).
     pub kill: CancellationToken,
     /// The daemon's lifecycle: no new session from draining on, and the
@@ -251,6 +254,25 @@ where
         Request::Session(startup, leftover) => (startup, leftover),
     };
     m::client_connection(&ctx.listener, ConnectionOutcome::Accepted);
+
+    // pooled: the user is in auth_file, sqlgate authenticates it itself
+    if ctx.config.pool.is_on()
+        && let Some(entry) = startup
+            .param("user")
+            .and_then(|u| std::str::from_utf8(u).ok())
+            .and_then(|u| ctx.config.pool.userlist.get(u))
+            .cloned()
+    {
+        return Box::pin(pooled::run(
+            &ctx,
+            &mut client,
+            startup,
+            client_leftover,
+            entry,
+            started,
+        ))
+        .await;
+    }
 
     // select + connect: the StartupMessage goes to each candidate until one
     // takes the session.

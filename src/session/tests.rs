@@ -105,6 +105,7 @@ fn fixture(extra: &str) -> Fixture {
         listener: Arc::from("test"),
         allow: None,
         cancels: Arc::new(CancelTable::new()),
+        pool: crate::pool::Pool::new(),
         kill: kill.clone(),
         lifecycle: lifecycle.watch(),
     };
