@@ -49,6 +49,37 @@ pub const UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
 /// `node`, `reason`: a node refused a session before authentication and the
 /// session moved on to the next candidate.
 pub const STARTUP_RETRIES_TOTAL: &str = "sqlgate_startup_retries_total";
+/// `outcome`: DB Console requests through a `[[console]]` listener.
+pub const CONSOLE_REQUESTS_TOTAL: &str = "sqlgate_console_requests_total";
+
+/// `outcome` of `sqlgate_console_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleOutcome {
+    /// Answered by a ready node.
+    Forwarded,
+    /// The client address is not in the console's allowlist (403).
+    Denied,
+    /// No node is up and ready (503).
+    NoNode,
+    /// The node could not be reached or broke the exchange (502).
+    Error,
+}
+
+impl ConsoleOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleOutcome::Forwarded => "forwarded",
+            ConsoleOutcome::Denied => "denied",
+            ConsoleOutcome::NoNode => "no_node",
+            ConsoleOutcome::Error => "error",
+        }
+    }
+}
+
+/// Counts one console request's outcome.
+pub fn console_request(outcome: ConsoleOutcome) {
+    metrics::counter!(CONSOLE_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
 
 /// `direction` of `sqlgate_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,10 +9,13 @@
 //! - [`startup`]: the server's startup flow as a sans-I/O state machine (bytes
 //!   in; bytes for the client and events out), which the session drives.
 //! - [`error`]: the ErrorResponse sqlgate sends to clients itself.
+//! - [`channel_binding`]: spotting the TLS client whose `channel_binding=prefer`
+//!   a PostgreSQL server refuses through sqlgate, and the hint it gets.
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
 
 pub mod backend;
+pub mod channel_binding;
 pub mod error;
 pub mod frontend;
 pub mod startup;
