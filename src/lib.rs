@@ -30,6 +30,8 @@
 //! - [`relay`]: the bidirectional byte copy.
 //! - [`metrics`]: metric names and label values; `/metrics`, `/healthz`, `/readyz`.
 //! - [`init`]: `sqlgate init`: a config from a cluster's connection string.
+//! - [`console`]: `[[console]]`: the DB Console over plain HTTP here, verified HTTPS to a ready node.
+//! - [`tls_server`]: TLS towards clients on `[[listen]]` entries with `tls_cert_file`.
 //! - [`daemon`]: binds listeners, owns shared state, reloads, drains on shutdown.
 //! - [`shutdown`]: signals → drain (SIGTERM/SIGINT) and reload (SIGHUP).
 //! - [`systemd`]: sd_notify, watchdog, socket activation; no-ops without systemd.
@@ -42,6 +44,7 @@ pub mod auth;
 pub mod cancel;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod init;
 pub mod limits;
@@ -56,6 +59,7 @@ pub mod session;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;
+pub mod tls_server;
 pub mod upstream;
 pub mod workers;
 

@@ -92,6 +92,8 @@ pub struct ListenerState {
     pub endpoint: Endpoint,
     /// `None` for unix sockets, where file permissions decide.
     allow: ArcSwapOption<Allowlist>,
+    /// TLS towards clients (`tls_cert_file`), swapped on reload.
+    tls: ArcSwapOption<rustls::ServerConfig>,
 }
 
 impl ListenerState {
@@ -100,7 +102,18 @@ impl ListenerState {
             name,
             endpoint,
             allow: ArcSwapOption::new(allow.map(Arc::new)),
+            tls: ArcSwapOption::empty(),
         }
+    }
+
+    /// The TLS server config in force, if this listener serves TLS.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.load_full()
+    }
+
+    /// Puts a (re)loaded TLS config in force for new sessions.
+    pub fn set_tls(&self, tls: Option<Arc<rustls::ServerConfig>>) {
+        self.tls.store(tls);
     }
 
     /// The allowlist in force, shared (not copied) with the sessions.

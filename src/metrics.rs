@@ -149,6 +149,38 @@ impl SessionEnd {
     }
 }
 
+/// `outcome`: DB Console requests through a `[[console]]` listener.
+pub const CONSOLE_REQUESTS_TOTAL: &str = "sqlgate_console_requests_total";
+
+/// `outcome` of `sqlgate_console_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleOutcome {
+    /// Answered by a ready node.
+    Forwarded,
+    /// The client address is not in the console's allowlist (403).
+    Denied,
+    /// No node is up and ready (503).
+    NoNode,
+    /// The node could not be reached or broke the exchange (502).
+    Error,
+}
+
+impl ConsoleOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleOutcome::Forwarded => "forwarded",
+            ConsoleOutcome::Denied => "denied",
+            ConsoleOutcome::NoNode => "no_node",
+            ConsoleOutcome::Error => "error",
+        }
+    }
+}
+
+/// Counts one console request's outcome.
+pub fn console_request(outcome: ConsoleOutcome) {
+    metrics::counter!(CONSOLE_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
 /// `direction` of `sqlgate_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

@@ -21,7 +21,8 @@ pub use pool::{PoolConfig, PoolMode};
 
 use crate::allowlist::Allowlist;
 use crate::tls::{self, Negotiation, SslMode, TlsFiles};
-use raw::{RawConfig, RawListen};
+use crate::tls_server::{self, ServerTlsFiles};
+use raw::{RawConfig, RawConsole, RawListen};
 
 /// Default listen port, as CockroachDB's.
 pub const DEFAULT_PORT: u16 = 26257;
@@ -59,6 +60,30 @@ pub struct Config {
     pub log: LogConfig,
     /// `[pool]`; `mode = off` without the table.
     pub pool: PoolConfig,
+    /// `[[console]]`: the cluster's DB Console on local ports.
+    pub consoles: Vec<ConsoleConfig>,
+}
+
+/// One `[[console]]` listener: plain HTTP here, verified HTTPS to the nearest
+/// ready node's DB Console.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleConfig {
+    pub addr: SocketAddr,
+    /// Its own allowlist: console and SQL access are granted apart.
+    pub allow: Allowlist,
+    /// The nodes' DB Console port (`port`, else `health.http_port`, else 8080).
+    pub port: u16,
+}
+
+/// The DB Console port when neither `port` nor `health.http_port` is set.
+pub const DEFAULT_CONSOLE_PORT: u16 = 8080;
+
+/// A `[[listen]]` entry's TLS towards clients.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub files: ServerTlsFiles,
+    /// Built once per config load; reloaded with the config on SIGHUP.
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 /// Where a listener accepts clients.
@@ -85,6 +110,8 @@ pub struct ListenerConfig {
     /// may not have: `[::1]` on a host or container without IPv6 is skipped
     /// with a warning instead of failing the start.
     pub optional: bool,
+    /// `tls_cert_file`/`tls_key_file`: clients must use TLS (plaintext: 08P01).
+    pub tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -388,8 +415,25 @@ impl Config {
                 message: e.message,
             },
         })?;
+        let consoles =
+            validate_consoles(raw.console, health.http_port).map_err(|(s, m)| err(s, m))?;
+        if let Some(c) = consoles
+            .iter()
+            .find(|c| {
+                listeners
+                    .iter()
+                    .any(|l| l.endpoint == Endpoint::Tcp(c.addr))
+            })
+            .filter(|c| c.addr.port() != 0)
+        {
+            return Err(err(
+                None,
+                format!("console {} uses the address of a [[listen]]", c.addr),
+            ));
+        }
 
         Ok(Config {
+            consoles,
             path: path.to_owned(),
             listeners,
             upstream,
@@ -419,7 +463,14 @@ impl Config {
                     .join(", "),
                 Endpoint::Unix { mode, .. } => format!("file mode {mode:04o}"),
             };
-            let _ = writeln!(out, "listen: {} (allow: {allow})", l.endpoint);
+            let tls = match &l.tls {
+                None => String::new(),
+                Some(t) if t.files.client_ca_file.is_some() => {
+                    " tls=on (client certificates required)".to_owned()
+                }
+                Some(_) => " tls=on".to_owned(),
+            };
+            let _ = writeln!(out, "listen: {} (allow: {allow}){tls}", l.endpoint);
         }
         let u = &self.upstream;
         let _ = writeln!(
@@ -451,6 +502,20 @@ impl Config {
             let _ = writeln!(out, "node: {} region={}{via}", n.id, n.region);
         }
         let _ = writeln!(out, "{}", self.pool.describe());
+        for c in &self.consoles {
+            let allow = c
+                .allow
+                .nets()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                out,
+                "console: http://{} (allow: {allow}) -> https://<nearest ready node>:{}",
+                c.addr, c.port
+            );
+        }
         out
     }
 
@@ -464,6 +529,22 @@ impl Config {
             {
                 out.push(format!(
                     "listener {addr} is not on loopback and its allowlist admits every address"
+                ));
+            }
+            if let Endpoint::Tcp(addr) = l.endpoint
+                && !addr.ip().is_loopback()
+                && l.tls.is_none()
+            {
+                out.push(format!(
+                    "listener {addr} is not on loopback and has no TLS: SQL traffic (passwords included) crosses the network in clear; set tls_cert_file and tls_key_file"
+                ));
+            }
+        }
+        for c in &self.consoles {
+            if !c.addr.ip().is_loopback() && c.allow.admits_everyone() {
+                out.push(format!(
+                    "console {} is not on loopback and its allowlist admits every address",
+                    c.addr
                 ));
             }
         }
@@ -547,6 +628,7 @@ fn validate_listeners(
         .into_iter()
         .map(|ip| ListenerConfig {
             optional: ip.is_ipv6(),
+            tls: None,
             endpoint: Endpoint::Tcp(SocketAddr::new(ip, DEFAULT_PORT)),
             allow: Allowlist::loopback(),
         })
@@ -599,10 +681,77 @@ fn validate_listeners(
             Some(nets) => Allowlist::new(nets),
             None => Allowlist::loopback(),
         };
+        let tls = listener_tls(l.tls_cert_file, l.tls_key_file, l.tls_client_ca_file, base)?;
+        if tls.is_some() && !matches!(endpoint, Endpoint::Tcp(_)) {
+            return Err((
+                Some(span),
+                "tls_cert_file applies to TCP listeners only".into(),
+            ));
+        }
         out.push(ListenerConfig {
             endpoint,
             allow,
             optional: false,
+            tls,
+        });
+    }
+    Ok(out)
+}
+
+/// The TLS settings of one `[[listen]]`: both files or neither; the client CA
+/// only with them.
+fn listener_tls(
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+    client_ca: Option<Spanned<PathBuf>>,
+    base: &Path,
+) -> Result<Option<ListenerTls>, (Option<Range<usize>>, String)> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => {
+            return match client_ca {
+                None => Ok(None),
+                Some(ca) => Err((
+                    Some(ca.span()),
+                    "tls_client_ca_file needs tls_cert_file and tls_key_file".into(),
+                )),
+            };
+        }
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(s), None) | (None, Some(s)) => {
+            return Err((
+                Some(s.span()),
+                "tls_cert_file and tls_key_file go together".into(),
+            ));
+        }
+    };
+    let span = cert.span();
+    let files = ServerTlsFiles {
+        cert_file: base.join(cert.get_ref()),
+        key_file: base.join(key.get_ref()),
+        client_ca_file: client_ca.map(|c| base.join(c.get_ref())),
+    };
+    let config = tls_server::server_config(&files).map_err(|e| (Some(span), e.to_string()))?;
+    Ok(Some(ListenerTls { files, config }))
+}
+
+fn validate_consoles(
+    raw: Vec<Spanned<RawConsole>>,
+    http_port: Option<u16>,
+) -> Result<Vec<ConsoleConfig>, (Option<Range<usize>>, String)> {
+    let mut out: Vec<ConsoleConfig> = Vec::new();
+    for spanned in raw {
+        let span = spanned.span();
+        let c = spanned.into_inner();
+        if c.addr.port() != 0 && out.iter().any(|o| o.addr == c.addr) {
+            return Err((Some(span), format!("duplicate console {}", c.addr)));
+        }
+        if c.port == Some(0) {
+            return Err((Some(span), "console port must not be 0".into()));
+        }
+        out.push(ConsoleConfig {
+            addr: c.addr,
+            allow: c.allow.map_or_else(Allowlist::loopback, Allowlist::new),
+            port: c.port.or(http_port).unwrap_or(DEFAULT_CONSOLE_PORT),
         });
     }
     Ok(out)

@@ -44,6 +44,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) log: RawLog,
     pub(super) pool: Option<super::pool::RawPool>,
+    #[serde(default)]
+    pub(super) console: Vec<Spanned<RawConsole>>,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +55,17 @@ pub(super) struct RawListen {
     pub(super) path: Option<PathBuf>,
     pub(super) mode: Option<String>,
     pub(super) allow: Option<Vec<IpNet>>,
+    pub(super) tls_cert_file: Option<Spanned<PathBuf>>,
+    pub(super) tls_key_file: Option<Spanned<PathBuf>>,
+    pub(super) tls_client_ca_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsole {
+    pub(super) addr: SocketAddr,
+    pub(super) allow: Option<Vec<IpNet>>,
+    pub(super) port: Option<u16>,
 }
 
 #[derive(Deserialize)]

@@ -123,7 +123,43 @@ fn normalises_listeners_and_warns_about_open_allowlists() {
     let (_dir, path) = fixture();
     let text = format!("[[listen]]\naddr = \"0.0.0.0:26257\"\nallow = [\"0.0.0.0/0\"]\n{BASE}");
     let cfg = Config::parse(&text, &path).expect("valid");
-    assert_eq!(cfg.warnings().len(), 1, "{:?}", cfg.warnings());
+    let warnings = cfg.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("admits every address")));
+    assert!(warnings.iter().any(|w| w.contains("has no TLS")));
+}
+
+#[test]
+fn console_port_defaults_to_health_http_port_then_8080() {
+    let (_dir, path) = fixture();
+    let text = format!(
+        "{BASE}
+[[console]]
+addr = \"127.0.0.1:8080\"\n"
+    );
+    let cfg = Config::parse(&text, &path).expect("valid");
+    assert_eq!(cfg.consoles.len(), 1);
+    assert_eq!(cfg.consoles[0].port, 8080);
+    assert!(cfg.describe().contains("console: http://127.0.0.1:8080"));
+    let text = format!(
+        "{BASE}
+[health]
+http_port = 9090
+[[console]]
+addr = \"127.0.0.1:8081\"\nallow = [\"10.0.0.0/8\"]\n"
+    );
+    let cfg = Config::parse(&text, &path).expect("valid");
+    assert_eq!(cfg.consoles[0].port, 9090);
+    assert!(!cfg.consoles[0].allow.permits([127, 0, 0, 1].into()));
+}
+
+#[test]
+fn listener_tls_needs_both_files() {
+    let (_dir, path) = fixture();
+    let text = format!("[[listen]]\naddr = \"127.0.0.1:1\"\ntls_cert_file = \"x.crt\"\n{BASE}");
+    let e = Config::parse(&text, &path).expect_err("half a TLS setting");
+    assert!(e.to_string().contains("go together"), "{e}");
+    assert_eq!(e.line, Some(3));
 }
 
 #[test]

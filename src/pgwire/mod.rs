@@ -11,11 +11,14 @@
 //! - [`boundary`]: message boundaries of a relayed session (pooling: may a
 //!   server session serve the next client?), a header scan only.
 //! - [`error`]: the ErrorResponse sqlgate sends to clients itself.
+//! - [`channel_binding`]: spotting the TLS client whose `channel_binding=prefer`
+//!   a PostgreSQL server refuses through sqlgate, and the hint it gets.
 //!
 //! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>.
 
 pub mod backend;
 pub mod boundary;
+pub mod channel_binding;
 pub mod error;
 pub mod frontend;
 pub mod startup;

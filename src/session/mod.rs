@@ -19,12 +19,14 @@ use crate::config::Config;
 use crate::metrics::{self as m, ConnectionOutcome, Direction, EndOutcome, EndedBy, SessionEnd};
 use crate::pgwire::ProtocolError;
 use crate::pgwire::backend::BackendKeyData;
+use crate::pgwire::channel_binding;
 use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
 use crate::pgwire::startup::{Event, ServerError, StartupRelay};
 use crate::relay::{self, RelayError, Side, Transferred};
 use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
+use crate::tls_server::{self, ClientTlsError};
 
 mod open;
 mod pooled;
@@ -51,6 +53,9 @@ pub struct SessionContext {
     /// The daemon's lifecycle: no new session from draining on, and the
     /// session is cut at [`Phase::Cutting`].
     pub lifecycle: PhaseWatch,
+    /// The listener serves TLS to clients (`tls_cert_file`): negotiated
+    /// before the startup packet, plaintext refused.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl SessionContext {
@@ -207,7 +212,27 @@ where
         node = tracing::field::Empty,
         region = tracing::field::Empty,
     );
-    run(ctx, client, peer, dialer).instrument(span).await;
+    let Some(tls) = ctx.tls.clone() else {
+        return run(ctx, client, peer, dialer).instrument(span).await;
+    };
+    // TLS first: the startup packet and everything after it ride the TLS session.
+    let limit = ctx.config.limits.startup_timeout;
+    match tokio::time::timeout(limit, tls_server::accept(client, tls)).await {
+        Ok(Ok(client)) => run(ctx, client, peer, dialer).instrument(span).await,
+        Ok(Err(e)) => span.in_scope(|| {
+            let outcome = match e {
+                ClientTlsError::Closed => return,
+                ClientTlsError::Plaintext => ConnectionOutcome::Denied,
+                _ => ConnectionOutcome::BadStartup,
+            };
+            m::client_connection(&ctx.listener, outcome);
+            tracing::info!(outcome = outcome.as_str(), error = %e, "client TLS refused");
+        }),
+        Err(_) => span.in_scope(|| {
+            m::client_connection(&ctx.listener, ConnectionOutcome::Timeout);
+            tracing::info!("client did not finish the TLS negotiation in time");
+        }),
+    }
 }
 
 async fn run<S, D>(ctx: SessionContext, mut client: S, peer: Option<SocketAddr>, dialer: &D)
@@ -512,12 +537,25 @@ where
     let mut out = Vec::with_capacity(4096);
     let mut registration = None;
     let mut server_error: Option<ServerError> = None;
+    // The client's gs2 flag, once seen (see `pgwire::channel_binding`).
+    let mut gs2_flag: Option<u8> = None;
     // The node's first answer is already in the relay's buffer.
     let mut have_bytes = true;
     loop {
         if have_bytes {
             let mut ready = false;
+            let mut mark = out.len();
             while let Some(event) = relay.next(&mut out).map_err(SessionError::Upstream)? {
+                if let Event::Error(e) = &event
+                    && gs2_flag == Some(b'y')
+                    && relay.stripped_scram_plus()
+                {
+                    out.truncate(mark);
+                    out.extend_from_slice(&channel_binding::with_hint(e));
+                    tracing::warn!(
+                        "the server refused channel_binding=prefer from a TLS client; the client was told to set channel_binding=disable"
+                    );
+                }
                 match event {
                     Event::ServerKey(server_key) => {
                         let (proxy_key, reg) = ctx.cancels.register(target(server_key));
@@ -531,6 +569,7 @@ where
                     }
                     _ => {}
                 }
+                mark = out.len();
             }
             if ready {
                 // Anything the server sent after ReadyForQuery goes on verbatim.
@@ -575,6 +614,7 @@ where
                 if read? == 0 {
                     return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                 }
+                gs2_flag = gs2_flag.or_else(|| channel_binding::gs2_flag(&from_client));
                 upstream.write_all(&from_client).await?;
                 upstream.flush().await?;
                 moved.to_upstream += from_client.len() as u64;

@@ -106,6 +106,7 @@ fn fixture(extra: &str) -> Fixture {
         allow: None,
         cancels: Arc::new(CancelTable::new()),
         pool: crate::pool::Pool::new(),
+        tls: None,
         kill: kill.clone(),
         lifecycle: lifecycle.watch(),
     };

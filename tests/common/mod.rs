@@ -11,6 +11,7 @@
 //! - [`RawClient`] and [`wire`]: hand-built startup packets and ErrorResponse parsing.
 //! - [`psql`], [`psql_copy_digest`], [`connect_app`]: real clients.
 //!
+//! - [`NetNs`]: another host (network namespace + veth pair, 10.77.x.0/24), removed on drop.
 //! - [`Process`]: a child process with its stderr collected (also used by
 //!   `tests/ops_support` and, by path, `tests/fault_support`).
 //!
@@ -274,6 +275,7 @@ fn pg_conf_quote(s: &str) -> String {
 
 mod clients;
 mod gate;
+mod netns;
 mod pg;
 mod pki;
 pub mod process;
@@ -281,6 +283,7 @@ mod wire_client;
 
 pub use clients::*;
 pub use gate::*;
+pub use netns::NetNs;
 pub use pg::*;
 pub use pki::*;
 pub use process::{Process, SQLGATE};

@@ -99,6 +99,30 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// Issues a client certificate (`clientAuth`) with subject CN `cn`, as
+    /// `<stem>.crt` and `<stem>.key` (mode 0600).
+    pub fn issue_client(&self, stem: &str, cn: &str) -> CertFiles {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+        params.distinguished_name = common_name(cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, Validity::Current);
+        let key = KeyPair::generate().expect("generate client key");
+        let cert = params
+            .signed_by(&key, &*self.ca)
+            .expect("sign client certificate");
+        let files = CertFiles {
+            cert: self.dir.path().join(format!("{stem}.crt")),
+            key: self.dir.path().join(format!("{stem}.key")),
+        };
+        write_file(&files.cert, cert.pem().as_bytes(), 0o644);
+        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600);
+        files
+    }
+}
+
 pub(crate) fn common_name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
