@@ -53,7 +53,11 @@ impl std::fmt::Display for Attempt {
 /// `upstream.startup_timeout`. Nothing of the session has happened on a node
 /// that refused it, so the client never sees the refusal. Every outcome is
 /// reported to the router.
-pub(super) async fn open(ctx: &SessionContext, startup: &[u8]) -> Result<Opened, SessionError> {
+pub(super) async fn open(
+    ctx: &SessionContext,
+    startup: &[u8],
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Opened, SessionError> {
     let mut failures = Vec::new();
     let upstream_cfg = &ctx.config.upstream;
     for node in ctx
@@ -63,7 +67,7 @@ pub(super) async fn open(ctx: &SessionContext, startup: &[u8]) -> Result<Opened,
         .take(routing::MAX_ATTEMPTS)
     {
         let _dialing = ctx.router.dial_started(&node);
-        let mut connection = match upstream::connect(&node.config, upstream_cfg).await {
+        let mut connection = match upstream::connect(&node.config, upstream_cfg, tls).await {
             Ok(connection) => connection,
             Err(e) => {
                 node.metrics.upstream_error(e.kind());

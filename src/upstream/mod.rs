@@ -127,16 +127,21 @@ impl UpstreamError {
     }
 }
 
-/// Dials `node` and completes the verified TLS handshake, within
+/// Dials `node` and completes the verified TLS handshake with `tls` (the
+/// session user's, from [`crate::tls::ClientIdentities::config_for`]), within
 /// `cfg.connect_timeout` in all.
 ///
 /// # Errors
 /// Any [`UpstreamError`]; the caller moves on to the next node.
-pub async fn connect(node: &NodeConfig, cfg: &UpstreamConfig) -> Result<Connection, UpstreamError> {
+pub async fn connect(
+    node: &NodeConfig,
+    cfg: &UpstreamConfig,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Connection, UpstreamError> {
     connect_with(
         node,
         cfg.negotiation,
-        &cfg.tls,
+        tls,
         cfg.connect_timeout,
         cfg.tcp_user_timeout,
     )
