@@ -247,6 +247,7 @@ impl Daemon {
             move || pool_config.config.load_full(),
             phase.clone(),
         ));
+        m::client_cert_expiry(initial.upstream.identities.soonest_expiry());
         let workers =
             Arc::new(Workers::start(initial.limits.workers).map_err(DaemonError::Workers)?);
         tracing::debug!(workers = workers.len(), "session workers started");
@@ -484,11 +485,18 @@ impl State {
         listener: &ListenerState,
         kill: CancellationToken,
     ) -> SessionContext {
+        let config = self.config.load_full();
         SessionContext {
             id,
-            config: self.config.load_full(),
+            config: Arc::clone(&config),
             listener: Arc::clone(&listener.name),
             allow: listener.allow(),
+            peer_users: config
+                .listeners
+                .iter()
+                .find(|l| same_endpoint(&l.endpoint, &listener.endpoint))
+                .and_then(|l| l.peer_users.clone()),
+            peer_uid: None,
             router: Arc::clone(&self.router),
             cancels: Arc::clone(&self.cancels),
             pool: Arc::clone(&self.pool),
@@ -602,6 +610,7 @@ impl State {
             tracing::warn!("a changed limits.workers takes effect after a restart");
         }
         self.limit.set_max(new.limits.max_connections);
+        m::client_cert_expiry(new.upstream.identities.soonest_expiry());
         self.config.store(Arc::new(new));
         let closed = self.live.close_unpermitted();
         tracing::info!(

@@ -21,7 +21,8 @@
 //! - [`session`]: one client session, start to finish, in the order above.
 //! - [`pgwire`]: startup-phase codec (client packets, server messages, errors).
 //! - [`upstream`]: dialing a node: TCP, TLS negotiation, verified handshake.
-//! - [`tls`]: the rustls client configuration, built once.
+//! - [`tls`]: the rustls client configurations, built once: shared, and per user (`certs_dir`).
+//! - [`peer`]: which OS users may start sessions as which SQL users (`peer_users`).
 //! - [`routing`]: node table snapshots, health probes, region-nearest selection.
 //! - [`nodes`]: `sqlgate nodes`: probe every node once and print the table.
 //! - [`cancel`]: cancel key table and forwarding.
@@ -51,6 +52,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod nodes;
+pub mod peer;
 pub mod pgwire;
 pub mod pool;
 pub mod relay;

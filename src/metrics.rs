@@ -46,6 +46,10 @@ pub const CONFIG_RELOADS_TOTAL: &str = "sqlgate_config_reloads_total";
 /// `node`.
 pub const UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
     "sqlgate_upstream_cert_expiry_timestamp_seconds";
+/// No labels: the soonest notAfter among `upstream.certs_dir` client
+/// certificates (Unix time). Absent without `certs_dir` certificates.
+pub const CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "sqlgate_client_cert_expiry_timestamp_seconds";
 /// `node`, `reason`: a node refused a session before authentication and the
 /// session moved on to the next candidate.
 pub const STARTUP_RETRIES_TOTAL: &str = "sqlgate_startup_retries_total";
@@ -307,6 +311,17 @@ pub fn config_reload(outcome: ReloadOutcome) {
     metrics::counter!(CONFIG_RELOADS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }
 
+/// Sets `sqlgate_client_cert_expiry_timestamp_seconds` to the soonest expiry
+/// of the client certificates in force (left as it was when there are none).
+pub fn client_cert_expiry(soonest: Option<std::time::SystemTime>) {
+    if let Some(at) = soonest {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS).set(secs);
+    }
+}
+
 /// Histogram buckets of `sqlgate_session_duration_seconds`: sessions last from
 /// milliseconds (a health check) to hours (a pool's connection).
 const SESSION_DURATION_BUCKETS: &[f64] = &[
@@ -396,6 +411,11 @@ fn describe() {
         "Sessions relayed to the node right now."
     );
     describe_counter!(CANCEL_REQUESTS_TOTAL, "Cancel requests, by outcome.");
+    describe_gauge!(
+        CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When the soonest-expiring certs_dir client certificate expires (Unix time)."
+    );
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads (SIGHUP), by outcome.");
     describe_gauge!(
         POOL_SERVER_SESSIONS,

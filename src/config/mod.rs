@@ -20,6 +20,7 @@ mod raw;
 pub use pool::{PoolConfig, PoolMode};
 
 use crate::allowlist::Allowlist;
+use crate::peer::PeerUsers;
 use crate::tls::{self, Negotiation, SslMode, TlsFiles};
 use crate::tls_server::{self, ServerTlsFiles};
 use raw::{RawConfig, RawConsole, RawListen};
@@ -112,6 +113,9 @@ pub struct ListenerConfig {
     pub optional: bool,
     /// `tls_cert_file`/`tls_key_file`: clients must use TLS (plaintext: 08P01).
     pub tls: Option<ListenerTls>,
+    /// Unix sockets: which OS users may start sessions as which SQL users;
+    /// `None`: anyone who can open the socket.
+    pub peer_users: Option<Arc<PeerUsers>>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,8 +130,13 @@ pub struct UpstreamConfig {
     pub tcp_user_timeout: Duration,
     /// Appended to each session's `options` startup parameter.
     pub options: Option<String>,
-    /// Built once from the PEM files; shared by every session and probe.
+    /// Built once from the PEM files; shared by every probe, and by sessions
+    /// of users without a certificate in `certs_dir`.
     pub tls: Arc<rustls::ClientConfig>,
+    /// Which client certificate each SQL user presents (`certs_dir`); built
+    /// once per load. Sessions dial with [`tls::ClientIdentities::config_for`].
+    pub identities: Arc<tls::ClientIdentities>,
+    pub certs_dir: Option<PathBuf>,
     pub ca_file: PathBuf,
 }
 
@@ -252,7 +261,24 @@ impl Config {
 
         let up = raw.upstream;
         let resolve = |p: &Spanned<PathBuf>| base.join(p.get_ref());
-        let ca_file = resolve(&up.ca_file);
+        let certs_dir = up.certs_dir.as_ref().map(resolve);
+        let ca_file = match (&up.ca_file, &certs_dir) {
+            (Some(ca), _) => resolve(ca),
+            (None, Some(dir)) if dir.join(tls::CERTS_DIR_CA).is_file() => {
+                dir.join(tls::CERTS_DIR_CA)
+            }
+            (None, _) => {
+                return Err(err(
+                    up.certs_dir.as_ref().map(Spanned::span),
+                    "upstream.ca_file is missing: name the cluster's CA certificate (or put it in certs_dir as ca.crt)".into(),
+                ));
+            }
+        };
+        let ca_span = up
+            .ca_file
+            .as_ref()
+            .or(up.certs_dir.as_ref())
+            .map(Spanned::span);
         let client = match (&up.client_cert_file, &up.client_key_file) {
             (Some(cert), Some(key)) => Some((resolve(cert), resolve(key))),
             (None, None) => None,
@@ -263,23 +289,35 @@ impl Config {
                 ));
             }
         };
+        if let (Some(_), Some(dir)) = (&client, &up.certs_dir) {
+            return Err(err(
+                Some(dir.span()),
+                "certs_dir and client_cert_file/client_key_file exclude each other: use one certificate for every session, or one per user".into(),
+            ));
+        }
         let files = TlsFiles {
             ca_file: ca_file.clone(),
             client_cert: client,
         };
         let sslmode = up.sslmode.unwrap_or(SslMode::VerifyFull);
         let negotiation = up.negotiation.unwrap_or(Negotiation::Postgres);
-        let tls = tls::client_config(&files, sslmode, negotiation).map_err(|e| {
-            let span = match &e {
-                tls::TlsConfigError::Client { .. } => up
-                    .client_cert_file
-                    .as_ref()
-                    .map(|s| s.span())
-                    .or(Some(up.ca_file.span())),
-                _ => Some(up.ca_file.span()),
-            };
-            err(span, e.to_string())
-        })?;
+        let identities = tls::client_identities(&files, certs_dir.as_deref(), sslmode, negotiation)
+            .map_err(|e| {
+                let span = match &e {
+                    tls::TlsConfigError::Client { .. } => up
+                        .client_cert_file
+                        .as_ref()
+                        .or(up.certs_dir.as_ref())
+                        .map(Spanned::span)
+                        .or(ca_span.clone()),
+                    tls::TlsConfigError::CertsDir { .. } | tls::TlsConfigError::KeyMode { .. } => {
+                        up.certs_dir.as_ref().map(Spanned::span)
+                    }
+                    _ => ca_span.clone(),
+                };
+                err(span, e.to_string())
+            })?;
+        let tls = Arc::clone(identities.shared_config());
         let positive =
             |value: Option<Spanned<raw::HumanDuration>>, default: u64, name: &str| match value {
                 None => Ok(Duration::from_secs(default)),
@@ -296,6 +334,8 @@ impl Config {
             tcp_user_timeout: positive(up.tcp_user_timeout, 60, "upstream.tcp_user_timeout")?,
             options: up.options.filter(|o| !o.trim().is_empty()),
             tls,
+            identities: Arc::new(identities),
+            certs_dir,
             ca_file,
         };
 
@@ -461,7 +501,13 @@ impl Config {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", "),
-                Endpoint::Unix { mode, .. } => format!("file mode {mode:04o}"),
+                Endpoint::Unix { mode, .. } => match &l.peer_users {
+                    Some(p) => format!(
+                        "file mode {mode:04o}, peer_users: {}",
+                        p.os_users().collect::<Vec<_>>().join(", ")
+                    ),
+                    None => format!("file mode {mode:04o}"),
+                },
             };
             let tls = match &l.tls {
                 None => String::new(),
@@ -492,6 +538,24 @@ impl Config {
                 ""
             },
         );
+        if let Some(dir) = &u.certs_dir {
+            let certs = u.identities.certificates();
+            let _ = writeln!(
+                out,
+                "certs_dir: {} ({} client certificate{})",
+                dir.display(),
+                certs.len(),
+                if certs.len() == 1 { "" } else { "s" }
+            );
+            for c in certs {
+                let _ = writeln!(
+                    out,
+                    "client certificate: user {} expires {}",
+                    c.user,
+                    humantime::format_rfc3339_seconds(c.not_after)
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "routing: region={}",
@@ -564,8 +628,53 @@ impl Config {
             &self.upstream.ca_file,
             std::time::SystemTime::now(),
         ));
+        out.extend(client_cert_warnings(self, std::time::SystemTime::now()));
         out
     }
+}
+
+/// Client certificates of `certs_dir` near their end or with a CN that is not
+/// their user; and TCP listeners that let more than this host use them.
+fn client_cert_warnings(config: &Config, now: std::time::SystemTime) -> Vec<String> {
+    let certs = config.upstream.identities.certificates();
+    let mut out = Vec::new();
+    for c in certs {
+        if let Some(cn) = &c.cn_mismatch {
+            out.push(format!(
+                "client certificate {} has CN {cn:?}, not its user {:?}; the cluster may refuse it",
+                c.cert_file.display(),
+                c.user
+            ));
+        }
+        if let Ok(left) = c.not_after.duration_since(now)
+            && left <= EXPIRY_WARNING
+        {
+            out.push(format!(
+                "client certificate of user {} ({}) expires in {} days (at {}); renew it",
+                c.user,
+                c.cert_file.display(),
+                left.as_secs() / 86_400,
+                humantime::format_rfc3339_seconds(c.not_after)
+            ));
+        }
+    }
+    if !certs.is_empty() {
+        for l in &config.listeners {
+            if let Endpoint::Tcp(addr) = l.endpoint
+                && !addr.ip().is_loopback()
+                && !l
+                    .allow
+                    .nets()
+                    .iter()
+                    .all(|n| n.network().is_loopback() && n.broadcast().is_loopback())
+            {
+                out.push(format!(
+                    "certs_dir holds client certificates and listener {addr} admits more than loopback: anyone it admits connects with those identities; use loopback or a Unix socket with peer_users"
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// How close to its end a CA certificate's validity earns a warning.
@@ -631,6 +740,7 @@ fn validate_listeners(
             tls: None,
             endpoint: Endpoint::Tcp(SocketAddr::new(ip, DEFAULT_PORT)),
             allow: Allowlist::loopback(),
+            peer_users: None,
         })
         .collect());
     }
@@ -688,11 +798,22 @@ fn validate_listeners(
                 "tls_cert_file applies to TCP listeners only".into(),
             ));
         }
+        let peer_users = match (l.peer_users, &endpoint) {
+            (None, _) => None,
+            (Some(map), Endpoint::Unix { .. }) => Some(Arc::new(PeerUsers::new(map.into_inner()))),
+            (Some(map), Endpoint::Tcp(_)) => {
+                return Err((
+                    Some(map.span()),
+                    "peer_users applies to unix socket listeners only (on TCP the allowlist decides)".into(),
+                ));
+            }
+        };
         out.push(ListenerConfig {
             endpoint,
             allow,
             optional: false,
             tls,
+            peer_users,
         });
     }
     Ok(out)

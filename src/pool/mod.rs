@@ -108,6 +108,8 @@ pub struct ServerSession {
     pub addr: SocketAddr,
     pub stream: UpstreamStream,
     pub server_key: BackendKeyData,
+    /// The client TLS configuration it was opened with (cancels use it too).
+    pub tls: Arc<rustls::ClientConfig>,
     /// ParameterStatus values as last reported on this session.
     pub params: Vec<(String, String)>,
     /// The server's NegotiateProtocolVersion, replayed to each client.

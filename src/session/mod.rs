@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::allowlist::Allowlist;
-use crate::cancel::{CancelOutcome, CancelTable, CancelTarget, Registration};
+use crate::cancel::{CancelOutcome, CancelSource, CancelTable, CancelTarget, Registration};
 use crate::config::Config;
 use crate::metrics::{self as m, ConnectionOutcome, Direction, EndOutcome, EndedBy, SessionEnd};
+use crate::peer::{self, PeerIdentity, PeerUsers};
 use crate::pgwire::ProtocolError;
 use crate::pgwire::backend::BackendKeyData;
 use crate::pgwire::channel_binding;
@@ -44,6 +45,10 @@ pub struct SessionContext {
     pub listener: Arc<str>,
     /// `None` for Unix sockets, where file permissions decide.
     pub allow: Option<Arc<Allowlist>>,
+    /// Unix sockets with `peer_users`: which OS users may be which SQL users.
+    pub peer_users: Option<Arc<PeerUsers>>,
+    /// Unix sockets: the connecting process's uid (SO_PEERCRED), set at accept.
+    pub peer_uid: Option<u32>,
     pub router: Arc<Router>,
     pub cancels: Arc<CancelTable>,
     /// Session pooling's server sessions (unused with `[pool] mode = "off"`).
@@ -74,6 +79,10 @@ impl SessionContext {
 pub enum SessionError {
     #[error("client address is not in the allowlist")]
     Denied,
+    #[error(
+        "the Unix-socket peer's OS user may not start sessions as the requested user (peer_users)"
+    )]
+    PeerDenied,
     #[error("bad startup packet: {0}")]
     Protocol(#[from] ProtocolError),
     #[error("bytes after SSLRequest before the answer was read")]
@@ -120,6 +129,10 @@ impl SessionError {
             SessionError::Denied => (
                 SqlState::INVALID_AUTHORIZATION,
                 "sqlgate: your address is not in this listener's allowlist; add it to `allow` in the sqlgate config".to_owned(),
+            ),
+            SessionError::PeerDenied => (
+                SqlState::INVALID_AUTHORIZATION,
+                "sqlgate: your OS user may not start sessions as this database user on this socket; ask the administrator to allow it".to_owned(),
             ),
             SessionError::Protocol(ProtocolError::Closed)
             | SessionError::Io(_)
@@ -171,7 +184,7 @@ impl SessionError {
 
     fn outcome(&self) -> Option<ConnectionOutcome> {
         match self {
-            SessionError::Denied => Some(ConnectionOutcome::Denied),
+            SessionError::Denied | SessionError::PeerDenied => Some(ConnectionOutcome::Denied),
             SessionError::Protocol(ProtocolError::Closed) => None,
             SessionError::Protocol(_) | SessionError::BytesAfterSslRequest => {
                 Some(ConnectionOutcome::BadStartup)
@@ -269,7 +282,10 @@ where
             }
         };
     let (startup, client_leftover) = match request {
-        Request::Cancel(cancel) => return Box::pin(handle_cancel(&ctx, &cancel, admitted)).await,
+        Request::Cancel(cancel) => {
+            let source = CancelSource::of(peer, ctx.peer_uid);
+            return Box::pin(handle_cancel(&ctx, &cancel, source, admitted)).await;
+        }
         Request::Session(..) if !admitted => {
             return reject(&ctx, &mut client, SessionError::Denied).await;
         }
@@ -278,6 +294,12 @@ where
         }
         Request::Session(startup, leftover) => (startup, leftover),
     };
+    let user = String::from_utf8_lossy(startup.param("user").unwrap_or_default()).into_owned();
+    if let Some(peer_users) = &ctx.peer_users
+        && !peer_permits(peer_users, ctx.peer_uid, &user).await
+    {
+        return reject(&ctx, &mut client, SessionError::PeerDenied).await;
+    }
     m::client_connection(&ctx.listener, ConnectionOutcome::Accepted);
 
     // pooled: the user is in auth_file, sqlgate authenticates it itself
@@ -307,7 +329,9 @@ where
     }
     let mut first_flight = startup.encode();
     first_flight.extend_from_slice(&client_leftover);
-    let opened = match Box::pin(open(&ctx, dialer, &first_flight)).await {
+    // The user's client certificate (certs_dir), else the shared config.
+    let tls = ctx.config.upstream.identities.config_for(&user);
+    let opened = match Box::pin(open(&ctx, dialer, &first_flight, &tls)).await {
         Ok(opened) => opened,
         Err(e) => return reject(&ctx, &mut client, e).await,
     };
@@ -317,7 +341,7 @@ where
     span.record("region", opened.node.config.region.as_str());
     let _on_node = ctx.router.session_started(&opened.node);
     let _active = m::ActiveSession::start();
-    let (moved, result) = Box::pin(proxy(&ctx, &mut client, opened)).await;
+    let (moved, result) = Box::pin(proxy(&ctx, &mut client, opened, tls)).await;
     drop(_active);
     if let Err(e @ SessionError::StartupBroken { .. }) = &result
         && let Some((code, text)) = e.client_error()
@@ -415,6 +439,7 @@ async fn proxy<S, U>(
     ctx: &SessionContext,
     client: &mut S,
     opened: Opened<U>,
+    tls: Arc<rustls::ClientConfig>,
 ) -> (Transferred, Result<Side, SessionError>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -435,6 +460,7 @@ where
         node: node.config.clone(),
         addr,
         server_key,
+        tls: Arc::clone(&tls),
     };
     let mut in_startup = Transferred {
         to_upstream: sent,
@@ -629,15 +655,31 @@ where
 async fn handle_cancel(
     ctx: &SessionContext,
     cancel: &crate::pgwire::frontend::CancelRequest,
+    source: CancelSource,
     admitted: bool,
 ) {
     let outcome = if admitted {
-        ctx.cancels.forward(cancel, &ctx.config.upstream).await
+        ctx.cancels
+            .forward(cancel, source, &ctx.config.upstream)
+            .await
     } else {
         CancelOutcome::Denied
     };
     metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
     tracing::debug!(outcome = outcome.as_str(), "cancel request");
+}
+
+/// Whether the Unix-socket peer with `uid` may start a session as `user`.
+/// A peer whose credentials could not be read may not.
+async fn peer_permits(peer_users: &PeerUsers, uid: Option<u32>, user: &str) -> bool {
+    let Some(uid) = uid else {
+        return false;
+    };
+    let identity = PeerIdentity {
+        uid,
+        name: peer::user_name(uid).await,
+    };
+    peer_users.permits(&identity, user)
 }
 
 /// Tells the client why, counts it, logs it.
@@ -653,7 +695,9 @@ where
         SessionError::Protocol(ProtocolError::Closed) => {
             tracing::debug!(outcome, "client closed before sending a startup packet");
         }
-        SessionError::Denied => tracing::info!(outcome, error = %e, "client denied"),
+        SessionError::Denied | SessionError::PeerDenied => {
+            tracing::info!(outcome, error = %e, "client denied");
+        }
         _ => tracing::warn!(outcome, error = %e, "session refused"),
     }
     if let Some((code, text)) = e.client_error() {

@@ -57,6 +57,7 @@ pub(super) async fn open<D: Dialer>(
     ctx: &SessionContext,
     dialer: &D,
     startup: &[u8],
+    tls: &Arc<rustls::ClientConfig>,
 ) -> Result<Opened<D::Stream>, SessionError> {
     let mut failures = Vec::new();
     let upstream_cfg = &ctx.config.upstream;
@@ -67,7 +68,7 @@ pub(super) async fn open<D: Dialer>(
         .take(routing::MAX_ATTEMPTS)
     {
         let _dialing = ctx.router.dial_started(&node);
-        let mut connection = match dialer.dial(&node.config, upstream_cfg).await {
+        let mut connection = match dialer.dial(&node.config, upstream_cfg, tls).await {
             Ok(connection) => connection,
             Err(e) => {
                 node.metrics.upstream_error(e.kind());

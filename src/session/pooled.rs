@@ -184,6 +184,7 @@ where
         node: session.node.config.clone(),
         addr: session.addr,
         server_key: session.server_key.clone(),
+        tls: Arc::clone(&session.tls),
     });
     let mut out = session.negotiate.clone();
     out.extend_from_slice(&auth_messages);
@@ -464,7 +465,11 @@ async fn open_session(
     let started = Instant::now();
     let upstream_cfg = &ctx.config.upstream;
     let _dialing = ctx.router.dial_started(node);
-    let connection = match upstream::connect(&node.config, upstream_cfg).await {
+    // The user's client certificate (certs_dir) rides along; pooled sessions
+    // authenticate with SCRAM.
+    let user = String::from_utf8_lossy(startup.param("user").unwrap_or_default()).into_owned();
+    let tls = upstream_cfg.identities.config_for(&user);
+    let connection = match upstream::connect(&node.config, upstream_cfg, &tls).await {
         Ok(c) => c,
         Err(e) => {
             node.metrics.upstream_error(e.kind());
@@ -570,6 +575,7 @@ async fn open_session(
                         addr,
                         stream,
                         server_key,
+                        tls: Arc::clone(&tls),
                         params,
                         negotiate,
                         key: key.clone(),

@@ -41,6 +41,7 @@ impl Dialer for MemoryDialer {
         &self,
         _node: &NodeConfig,
         _cfg: &crate::config::UpstreamConfig,
+        _tls: &Arc<rustls::ClientConfig>,
     ) -> impl std::future::Future<Output = Result<Connection<Self::Stream>, UpstreamError>> + Send
     {
         self.dials.fetch_add(1, Ordering::Relaxed);
@@ -107,6 +108,8 @@ fn fixture(extra: &str) -> Fixture {
         cancels: Arc::new(CancelTable::new()),
         pool: crate::pool::Pool::new(),
         tls: None,
+        peer_users: None,
+        peer_uid: None,
         kill: kill.clone(),
         lifecycle: lifecycle.watch(),
     };

@@ -51,11 +51,13 @@ pub trait Dialer: Send + Sync {
     /// The verified session to a node, ready for the StartupMessage.
     type Stream: AsyncRead + AsyncBufRead + AsyncWrite + Unpin + Send;
 
-    /// Opens a session to `node`, bounded by `cfg.connect_timeout`.
+    /// Opens a session to `node` with the client configuration `tls` (the
+    /// session user's identity), bounded by `cfg.connect_timeout`.
     fn dial(
         &self,
         node: &NodeConfig,
         cfg: &UpstreamConfig,
+        tls: &Arc<rustls::ClientConfig>,
     ) -> impl Future<Output = Result<Connection<Self::Stream>, UpstreamError>> + Send;
 }
 
@@ -70,8 +72,9 @@ impl Dialer for TlsDialer {
         &self,
         node: &NodeConfig,
         cfg: &UpstreamConfig,
+        tls: &Arc<rustls::ClientConfig>,
     ) -> impl Future<Output = Result<Connection, UpstreamError>> + Send {
-        connect(node, cfg)
+        connect(node, cfg, tls)
     }
 }
 
@@ -165,16 +168,21 @@ impl UpstreamError {
     }
 }
 
-/// Dials `node` and completes the verified TLS handshake, within
+/// Dials `node` and completes the verified TLS handshake with `tls` (the
+/// session user's, from [`crate::tls::ClientIdentities::config_for`]), within
 /// `cfg.connect_timeout` in all.
 ///
 /// # Errors
 /// Any [`UpstreamError`]; the caller moves on to the next node.
-pub async fn connect(node: &NodeConfig, cfg: &UpstreamConfig) -> Result<Connection, UpstreamError> {
+pub async fn connect(
+    node: &NodeConfig,
+    cfg: &UpstreamConfig,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Connection, UpstreamError> {
     connect_with(
         node,
         cfg.negotiation,
-        &cfg.tls,
+        tls,
         cfg.connect_timeout,
         cfg.tcp_user_timeout,
     )

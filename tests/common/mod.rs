@@ -71,6 +71,14 @@ hostssl   all all 127.0.0.1/32   trust
 hostssl   all all ::1/128        trust
 hostnossl all all all            reject
 ";
+/// [`NodeAuth::Cert`]: TLS with a client certificate whose CN is the user.
+const PG_HBA_CERT: &str = "\
+# written by tests/common: TLS + client certificate over TCP
+local     all all                trust
+hostssl   all all 127.0.0.1/32   cert clientcert=verify-full
+hostssl   all all ::1/128        cert clientcert=verify-full
+hostnossl all all all            reject
+";
 const TEMPLATE_SETTINGS: &str = "
 # appended by tests/common
 fsync = off

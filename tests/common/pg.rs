@@ -18,6 +18,9 @@ pub enum NodeAuth {
     Scram,
     /// No password: for hand-built wire-protocol sessions.
     Trust,
+    /// Client certificates only (`cert clientcert=verify-full`), signed by the
+    /// `ca.crt` beside the node's server certificate.
+    Cert,
 }
 
 /// What [`PgNode::start_with`] starts.
@@ -98,6 +101,18 @@ impl PgNode {
             write_file(&hba, PG_HBA_TRUST.as_bytes(), 0o644);
             let hba = hba.to_str().expect("temp dir path is UTF-8");
             settings_extra = format!("hba_file = {}\n", pg_conf_quote(hba));
+        }
+        if let (NodeAuth::Cert, NodeTls::On(files)) = (spec.auth, tls) {
+            let hba = dir.path().join("pg_hba_cert.conf");
+            write_file(&hba, PG_HBA_CERT.as_bytes(), 0o644);
+            let hba = hba.to_str().expect("temp dir path is UTF-8");
+            let ca = files.cert.with_file_name("ca.crt");
+            let ca = ca.to_str().expect("CA path is UTF-8");
+            settings_extra = format!(
+                "hba_file = {}\nssl_ca_file = {}\n",
+                pg_conf_quote(hba),
+                pg_conf_quote(ca)
+            );
         }
         const ATTEMPTS: usize = 5;
         for attempt in 1..=ATTEMPTS {
