@@ -940,7 +940,7 @@ async fn unknown_denied_and_flooded_cancels_reach_no_session_and_daemon_stays_he
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gssenc_then_ssl_then_startup_in_one_connection_works_and_second_ssl_is_08p01() {
+async fn gssenc_then_ssl_then_startup_in_one_connection_works_and_second_ssl_is_0a000() {
     bounded(Duration::from_secs(120), async {
         let pki = Pki::new("gssenc");
         let node = tls_node(&pki).await;
@@ -974,13 +974,13 @@ async fn gssenc_then_ssl_then_startup_in_one_connection_works_and_second_ssl_is_
             other => panic!("expected an authentication request, got {other:?}"),
         }
 
-        // A second SSLRequest is a protocol violation.
+        // A second SSLRequest is read as protocol 1234.5679, as PostgreSQL does.
         let mut client = RawClient::connect(gate.addr).await.expect("connect");
         client.send(&wire::ssl_request()).await.expect("send");
         assert_eq!(client.read_byte(second).await.expect("answer"), Some(b'N'));
         client.send(&wire::ssl_request()).await.expect("send");
         let outcome = client.outcome(second).await;
-        assert!(outcome.is_error("FATAL", "08P01"), "{outcome:?}");
+        assert!(outcome.is_error("FATAL", "0A000"), "{outcome:?}");
 
         // libpq itself, asked to prefer GSS and TLS, ends up in a plaintext session.
         let conninfo = format!("{} gssencmode=prefer", app_conninfo(gate.addr, "prefer"));

@@ -395,8 +395,10 @@ const SLACK: Duration = Duration::from_secs(3);
 
 fn assert_refused_startup(name: &str, outcome: &Outcome, elapsed: Duration) {
     assert!(
-        outcome.is_error("FATAL", "08P01") || *outcome == Outcome::Closed,
-        "{name}: expected FATAL 08P01 or a close, got {outcome:?} after {elapsed:?}"
+        outcome.is_error("FATAL", "08P01")
+            || outcome.is_error("FATAL", "0A000")
+            || *outcome == Outcome::Closed,
+        "{name}: expected FATAL 08P01, 0A000 (SSLRequest twice) or a close, got {outcome:?} after {elapsed:?}"
     );
     assert!(
         elapsed <= STARTUP_TIMEOUT + SLACK,

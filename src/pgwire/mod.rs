@@ -32,6 +32,12 @@ pub enum ProtocolError {
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("malformed {0}")]
     Malformed(&'static str),
+    #[error("connection closed inside a startup packet")]
+    Truncated,
+    #[error("CancelRequest with a key of {0} bytes")]
+    BadCancelKey(usize),
+    #[error("no user name in the StartupMessage")]
+    NoUser,
     #[error("{0} sent more than once")]
     Repeated(&'static str),
     #[error("server message of {0} bytes is too large for the startup phase")]

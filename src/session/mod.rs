@@ -21,7 +21,7 @@ use crate::peer::{self, PeerIdentity, PeerUsers};
 use crate::pgwire::ProtocolError;
 use crate::pgwire::backend::BackendKeyData;
 use crate::pgwire::channel_binding;
-use crate::pgwire::error::{SqlState, fatal};
+use crate::pgwire::error::{SqlState, fatal, fatal_v2};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
 use crate::pgwire::startup::{Event, ServerError, StartupRelay};
 use crate::relay::{self, RelayError, Side, Transferred};
@@ -138,14 +138,29 @@ impl SessionError {
             | SessionError::Io(_)
             | SessionError::Killed
             | SessionError::Relay(_) => return None,
+            // As PostgreSQL (ProcessStartupPacket): what it only logs
+            // (COMMERROR) gets a silent close, counted and logged here.
+            SessionError::Protocol(
+                ProtocolError::BadLength(_) | ProtocolError::Truncated | ProtocolError::BadCancelKey(_),
+            )
+            | SessionError::StartupTimeout(_) => return None,
+            SessionError::Protocol(ProtocolError::UnsupportedVersion { major, minor }) => (
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("sqlgate: unsupported frontend protocol {major}.{minor}: sqlgate speaks protocol 3"),
+            ),
+            // PostgreSQL reads a second SSLRequest as protocol 1234.5679.
+            SessionError::Protocol(ProtocolError::Repeated(what)) => (
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("sqlgate: unsupported frontend protocol: {what} sent twice"),
+            ),
+            SessionError::Protocol(ProtocolError::NoUser) => (
+                SqlState::INVALID_AUTHORIZATION,
+                "sqlgate: no PostgreSQL user name specified in startup packet".to_owned(),
+            ),
             SessionError::Protocol(e) => (SqlState::PROTOCOL_VIOLATION, format!("sqlgate: invalid startup packet: {e}")),
             SessionError::BytesAfterSslRequest => (
                 SqlState::PROTOCOL_VIOLATION,
                 "sqlgate: received unencrypted data after SSL request".to_owned(),
-            ),
-            SessionError::StartupTimeout(t) => (
-                SqlState::PROTOCOL_VIOLATION,
-                format!("sqlgate: startup packet not received within {}", humantime::format_duration(*t)),
             ),
             SessionError::ShuttingDown => (
                 SqlState::ADMIN_SHUTDOWN,
@@ -701,7 +716,15 @@ where
         _ => tracing::warn!(outcome, error = %e, "session refused"),
     }
     if let Some((code, text)) = e.client_error() {
-        let _ = client.write_all(&fatal(code, &text)).await;
+        let answer = match &e {
+            // A protocol-1 or -2 client reads only a protocol-2 error, as
+            // PostgreSQL sends it (0.0 gets the protocol-3 form there too).
+            SessionError::Protocol(ProtocolError::UnsupportedVersion { major: 1 | 2, .. }) => {
+                fatal_v2(&text)
+            }
+            _ => fatal(code, &text),
+        };
+        let _ = client.write_all(&answer).await;
         let _ = client.flush().await;
     }
     let _ = client.shutdown().await;
