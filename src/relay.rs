@@ -335,10 +335,7 @@ impl FromClient {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Client)(e))),
                 Poll::Pending => {
-                    return self
-                        .state
-                        .poll_idle(cx, writer)
-                        .map_err(on(Side::Upstream));
+                    return self.state.poll_idle(cx, writer).map_err(on(Side::Upstream));
                 }
             }
             let mut data = buf.filled();
@@ -391,19 +388,13 @@ impl FromUpstream {
         }
         loop {
             if self.state.read_eof {
-                return self
-                    .state
-                    .poll_finish(cx, writer)
-                    .map_err(on(Side::Client));
+                return self.state.poll_finish(cx, writer).map_err(on(Side::Client));
             }
             let data = match Pin::new(&mut *reader).poll_fill_buf(cx) {
                 Poll::Ready(Ok(data)) => data,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Upstream)(e))),
                 Poll::Pending => {
-                    return self
-                        .state
-                        .poll_idle(cx, writer)
-                        .map_err(on(Side::Client));
+                    return self.state.poll_idle(cx, writer).map_err(on(Side::Client));
                 }
             };
             if data.is_empty() {

@@ -166,7 +166,10 @@ async fn a_client_silent_past_the_startup_timeout_is_closed_silently_and_nothing
         "limits.startup_timeout decides"
     );
     let (got, _) = client_sees(&mut client).await;
-    assert!(got.is_empty(), "closed without a word, as PostgreSQL does: {got:?}");
+    assert!(
+        got.is_empty(),
+        "closed without a word, as PostgreSQL does: {got:?}"
+    );
     assert_eq!(dials.load(Ordering::Relaxed), 0);
 }
 
