@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::config::{Config, NodeConfig};
 use crate::routing::probe::{self, ProbeError, ProbeOk, ProbeSettings};
@@ -14,7 +14,7 @@ use crate::upstream::UpstreamError;
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
 /// Certificates expiring sooner than this are flagged.
-const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+use crate::tls::EXPIRY_WARNING;
 
 /// One node's probe result.
 #[derive(Debug)]

@@ -26,6 +26,10 @@ pub use identities::{CERTS_DIR_CA, CertInfo, ClientIdentities};
 /// (src/include/libpq/pqcomm.h, `PG_ALPN_PROTOCOL`).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
+/// How close to its end a certificate's validity earns a warning: CA, node
+/// and client certificates alike (`sqlgate check`, `sqlgate nodes`, load).
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 60 * 60);
+
 /// How strictly the node's certificate is checked. There is no unverified mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -677,8 +677,7 @@ fn client_cert_warnings(config: &Config, now: std::time::SystemTime) -> Vec<Stri
     out
 }
 
-/// How close to its end a CA certificate's validity earns a warning.
-const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+use crate::tls::EXPIRY_WARNING;
 
 /// A warning for each certificate in the PEM file at `path` that has expired
 /// or expires within [`EXPIRY_WARNING`] of `now`.
