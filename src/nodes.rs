@@ -228,7 +228,7 @@ fn describe_expiry(expiry: SystemTime, now: SystemTime) -> String {
 mod tests {
     use super::*;
     use crate::config::NodeId;
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn node(port: u16, region: &str) -> NodeConfig {
         NodeConfig {
