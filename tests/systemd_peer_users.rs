@@ -355,6 +355,11 @@ async fn peer_users_tells_apps_apart_on_the_socket_activated_socket_of_the_readm
             );
             assert_eq!(socket_mode(), made, "after the restarts");
             expect_no_user_names_logged(&sd);
+            let journal = sd.journal(UNIT, &["-o", "cat"]);
+            assert!(
+                !journal.contains("matches no [[listen]]"),
+                "the inherited socket took its [[listen]] (and peer_users):\n{journal}"
+            );
         })
         .await;
         assert!(node.app_sessions_authorized() >= 4);
