@@ -11,6 +11,8 @@ pub enum Validity {
     Expired,
     /// 2090-01-01 to 2099-01-01.
     NotYetValid,
+    /// 2020-01-01 to this many days from now (to the second).
+    ExpiresInDays(u64),
 }
 
 /// PEM files of one certificate and its private key.
@@ -166,6 +168,15 @@ pub(crate) fn set_validity(params: &mut CertificateParams, validity: Validity) {
         Validity::Current => ((2020, 1, 1), (2080, 1, 1)),
         Validity::Expired => ((2000, 1, 1), (2001, 1, 1)),
         Validity::NotYetValid => ((2090, 1, 1), (2099, 1, 1)),
+        Validity::ExpiresInDays(days) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970");
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1)
+                + Duration::from_secs(now.as_secs() + days * 86_400);
+            return;
+        }
     };
     params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
     params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
