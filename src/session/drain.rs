@@ -122,6 +122,6 @@ mod tests {
             terminate.len(),
             "Terminate is forwarded"
         );
-        assert!(AtRest::after_ready(TransactionStatus::InTransaction).at_rest() == false);
+        assert!(!AtRest::after_ready(TransactionStatus::InTransaction).at_rest());
     }
 }
