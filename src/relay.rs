@@ -176,7 +176,7 @@ where
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
     O: Observer,
 {
-    let never = std::future::pending::<()>();
+    let never = std::pin::pin!(std::future::pending::<()>());
     match relay_until_rest(client, upstream, moved, observer, never).await? {
         Ended::Closed(side) => Ok(side),
         Ended::AtRest => unreachable!("a relay that is never stopped never stops at rest"),
@@ -187,7 +187,7 @@ where
 /// session is at rest ([`Observer::at_rest`], both directions waiting for
 /// their reader and flushed): then it returns [`Ended::AtRest`] with both
 /// sides open, and the caller closes them. Until `stop` completes it is the
-/// plain relay; `stop` is polled alongside, never copied or boxed.
+/// plain relay; `stop` is polled alongside where the caller pinned it.
 ///
 /// # Errors
 /// The first I/O error on either side, with the side whose socket failed.
@@ -196,7 +196,7 @@ pub async fn relay_until_rest<C, U, O, F>(
     upstream: &mut U,
     moved: &mut Transferred,
     observer: &mut O,
-    stop: F,
+    mut stop: Pin<&mut F>,
 ) -> Result<Ended, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -206,7 +206,6 @@ where
 {
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
-    let mut stop = std::pin::pin!(stop);
     let mut stopped = false;
     // Polls both directions once, records the counts, and says which have
     // ended (or `None`: stopped at rest).

@@ -125,3 +125,44 @@ mod tests {
         assert!(!AtRest::after_ready(TransactionStatus::InTransaction).at_rest());
     }
 }
+
+#[cfg(test)]
+mod size {
+    use tokio::io::{BufReader, DuplexStream};
+
+    use super::*;
+    use crate::relay::{NoObserver, Transferred};
+    use crate::shutdown::{Lifecycle, Phase};
+
+    /// The drain-aware relay's state against the plain one's: the relay
+    /// itself no larger; the session adds a fixed few hundred bytes (the
+    /// tracker's header state, the phase watch's future), never a buffer,
+    /// whatever the traffic.
+    #[test]
+    fn the_drain_aware_relay_holds_only_a_fixed_few_bytes_more() {
+        let (mut c, _c) = tokio::io::duplex(64);
+        let (u, _u) = tokio::io::duplex(64);
+        let mut u: BufReader<DuplexStream> = BufReader::new(u);
+        let mut moved = Transferred::default();
+        let plain = std::mem::size_of_val(&relay::relay_observed(
+            &mut c,
+            &mut u,
+            &mut moved,
+            &mut NoObserver,
+        ));
+        let mut at_rest = AtRest::after_ready(TransactionStatus::Idle);
+        let life = Lifecycle::new();
+        let watch = life.watch();
+        let stop = std::pin::pin!(watch.wait_for(Phase::Draining));
+        let tracker = std::mem::size_of_val(&at_rest) + std::mem::size_of_val(&*stop);
+        let draining = relay::relay_until_rest(&mut c, &mut u, &mut moved, &mut at_rest, stop);
+        let aware = std::mem::size_of_val(&draining);
+        eprintln!(
+            "relay future: plain {plain} B, drain-aware {aware} B (+ tracker and phase watch {tracker} B)"
+        );
+        assert!(
+            aware <= plain + 16 && tracker <= 320,
+            "plain {plain} B, drain-aware {aware} B, tracker and phase watch {tracker} B"
+        );
+    }
+}

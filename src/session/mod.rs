@@ -29,7 +29,7 @@ use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
 use crate::tls_server::{self, ClientTlsError};
 
-mod drain;
+pub mod drain;
 mod open;
 mod pooled;
 
@@ -523,7 +523,7 @@ where
     // The drain closes the session at its first idle boundary; until then
     // (a transaction, a query in flight) it keeps the drain's grace.
     let mut relayed = Transferred::default();
-    let draining = ctx.lifecycle.wait_for(Phase::Draining);
+    let draining = std::pin::pin!(ctx.lifecycle.wait_for(Phase::Draining));
     let ended = tokio::select! {
         r = relay::relay_until_rest(client, &mut upstream, &mut relayed, &mut at_rest, draining) => Some(r),
         () = ctx.killed() => None,
