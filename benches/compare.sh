@@ -63,7 +63,7 @@ while [[ $# -gt 0 ]]; do
         --idle) IDLE=$2; shift ;;
         --sqlgate) SQLGATE_BIN=$(realpath "$2"); shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 64 ;;
     esac
     shift
