@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: sqlgate against direct TLS, a plain TCP relay
-# (HAProxy, libpq doing TLS), PgBouncer and stunnel, all in front of one local
-# PostgreSQL 15 node with ssl=on. Prints a table of medians and ratios to
-# direct; it does not pass or fail. Not run by CI.
+# Side-by-side benchmark: sqlgate (unpooled and with session pooling)
+# against direct TLS, a plain TCP relay (HAProxy, libpq doing TLS), PgBouncer
+# and stunnel, all in front of one local PostgreSQL 15 node with ssl=on.
+# Prints a table of medians and ratios to direct; it does not pass or fail.
+# Not run by CI.
 #
-#   benches/compare.sh            # full run, about 12 minutes on 2 cores
-#   benches/compare.sh --quick    # about 2 minutes, for development
+#   benches/compare.sh            # full run, about 15 minutes on 2 cores
+#   benches/compare.sh --quick    # about 3 minutes, for development
 #
 # Options: --rounds N  --duration SECONDS  --copy-rows N  --idle N
+#          --connects N (measured new connections per route over the delay
+#          relay)  --no-rolling (skip benches/rolling_restart.sh)
 #          --sqlgate PATH (a prebuilt binary; default: cargo build --release)
 #          --keep (leave the work directory for inspection)
 #
 # Needs root on Debian 12: installs pgbouncer, stunnel4 and haproxy with
 # apt-get when missing, runs PostgreSQL (/usr/lib/postgresql/15/bin) and
-# PgBouncer as the `postgres` user in a temporary directory.
+# PgBouncer as the `postgres` user in a temporary directory. The
+# new-connection test needs python3 with psycopg (scripts/test.sh installs
+# psycopg[binary]).
 #
 # Routes (clients of every proxy use sslmode=disable; every route is checked
 # to be encrypted on the server, pg_stat_ssl.ssl, before it is measured):
 #   direct     libpq sslmode=verify-full straight to the node
 #   relay      HAProxy `mode tcp`, libpq doing TLS (verify-full) through it
 #   sqlgate    sqlgate, verify-full upstream
+#   pooled     sqlgate with [pool] mode = "session", auth_file holding the
+#              bench role's SCRAM secret as pg_authid.rolpassword has it
 #   pgbouncer  PgBouncer, pool_mode=session, server_tls_sslmode=verify-full
 #   stunnel    stunnel client mode, protocol = pgsql, verifyChain, checkHost
 #
@@ -28,28 +35,46 @@
 # TLS server that offers SCRAM-SHA-256-PLUS, and libpq refuses that
 # ("server offered SCRAM-SHA-256-PLUS authentication over a non-SSL
 # connection") whatever channel_binding says. The connection-rate test (b)
-# uses the md5 role on every route, so that all routes pay the same
-# authentication cost and the figure measures the route.
+# runs twice: with the md5 role on every route but `pooled` (all routes pay
+# the same authentication cost, the figure measures the route; sqlgate pools
+# only SCRAM users), and with the SCRAM role on every route but stunnel (the
+# pooled routes, sqlgate and PgBouncer, both check the client against the
+# same userlist line and reuse server sessions).
+#
+# New-connection latency (e): a user-space delay relay (scripts/
+# latency_relay.py, 20 ms each way) between each proxy and the node, the
+# client local to the proxy; benches/connect_latency.py (psycopg, libpq)
+# times connect + SCRAM + `select 1` + close, sequentially, after a warm-up,
+# for direct (libpq verify-full through the delay relay), sqlgate, pooled
+# sqlgate and PgBouncer (auth_type = scram-sha-256, the same userlist):
+# median and p90 in ms and in round trips (ms / 40).
 set -euo pipefail
 
 ROUNDS=3 DURATION=8 COPY_ROWS=1000000 IDLE=2000 SCALE=10 KEEP=0 SQLGATE_BIN=""
+CONNECTS=50 ROLLING=1 DELAY_MS=20
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --quick) ROUNDS=1 DURATION=3 COPY_ROWS=200000 IDLE=500 ;;
+        --quick) ROUNDS=1 DURATION=3 COPY_ROWS=200000 IDLE=500 CONNECTS=20 ;;
+        --connects) CONNECTS=$2; shift ;;
+        --no-rolling) ROLLING=0 ;;
         --rounds) ROUNDS=$2; shift ;;
         --duration) DURATION=$2; shift ;;
         --copy-rows) COPY_ROWS=$2; shift ;;
         --idle) IDLE=$2; shift ;;
         --sqlgate) SQLGATE_BIN=$(realpath "$2"); shift ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 64 ;;
     esac
     shift
 done
 
-ROUTES=(direct relay sqlgate pgbouncer stunnel)
+ROUTES=(direct relay sqlgate pooled pgbouncer stunnel)
+# The idle test (d) uses the md5 role, which sqlgate does not pool; a pooled
+# gate would also hold a server session per idle client (max_server_connections).
 PROXIES=(relay sqlgate pgbouncer stunnel)
+# Routes of the new-connection test (e), each over the delay relay.
+FAR_ROUTES=(direct sqlgate pooled pgbouncer)
 PGBIN=/usr/lib/postgresql/15/bin
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 CLK_TCK=$(getconf CLK_TCK)
@@ -68,12 +93,15 @@ command -v stunnel4 >/dev/null || missing+=(stunnel4)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v pgbench >/dev/null || missing+=(postgresql-client-15)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3)
 if [[ ${#missing[@]} -gt 0 ]]; then
     log "installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
         || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
 fi
 # apt may start the packaged services; ours run on their own ports.
+python3 -c 'import psycopg' 2>/dev/null \
+    || die "python3 cannot import psycopg (the new-connection test's client): pip install 'psycopg[binary]'"
 
 if [[ -z $SQLGATE_BIN ]]; then
     log "building sqlgate (cargo build --release)"
@@ -102,6 +130,10 @@ free_port() {
 }
 PG_PORT=$(free_port) SG_PORT=$(free_port) SG_METRICS=$(free_port)
 PB_PORT=$(free_port) ST_PORT=$(free_port) HA_PORT=$(free_port)
+SP_PORT=$(free_port) SP_METRICS=$(free_port)
+# The far side: the delay relay to the node, and a proxy of each kind behind it.
+DL_PORT=$(free_port) FSG_PORT=$(free_port) FSP_PORT=$(free_port) FSP_METRICS=$(free_port)
+FPB_PORT=$(free_port)
 
 wait_port() { # port
     local i
@@ -166,10 +198,21 @@ pgbench -q -i -s "$SCALE" -h "$WORK/sock" -p "$PG_PORT" -U postgres bench >/dev/
 su_psql -d bench -c "GRANT SELECT ON ALL TABLES IN SCHEMA public TO bench, bench_md5" -c "VACUUM ANALYZE"
 
 # --- proxies --------------------------------------------------------------------
-log "sqlgate on $SG_PORT ($SQLGATE_BIN)"
-cat >"$WORK/sqlgate.toml" <<EOF
+# The bench role's SCRAM secret as the node holds it: sqlgate's auth_file
+# and PgBouncer's userlist get the same line. bench_md5 (an md5 hash on the
+# server) is not in sqlgate's file: it passes through unpooled.
+BENCH_SECRET=$(su_psql -d postgres -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+[[ $BENCH_SECRET == SCRAM-SHA-256\$* ]] || die "bench role has no SCRAM secret: $BENCH_SECRET"
+printf '"bench" "%s"\n' "$BENCH_SECRET" >"$WORK/auth_file.txt"
+
+# sqlgate_start NAME LISTEN_PORT NODE_PORT METRICS_PORT POOLED(0|1): one
+# sqlgate instance (pool mode is per instance), its pid in PID_<NAME>.
+sqlgate_start() {
+    local name=$1 port=$2 node_port=$3 metrics=$4 pooled=$5 cfg=$WORK/sqlgate.$1.toml
+    log "sqlgate ($name) on $port, node at $node_port, pooled=$pooled"
+    cat >"$cfg" <<EOF
 [[listen]]
-addr = "127.0.0.1:$SG_PORT"
+addr = "127.0.0.1:$port"
 
 [upstream]
 ca_file = "$CA"
@@ -177,21 +220,28 @@ sslmode = "verify-full"
 
 [[nodes]]
 host = "localhost"
-addr = "127.0.0.1:$PG_PORT"
-port = $PG_PORT
+addr = "127.0.0.1:$node_port"
+port = $node_port
 region = "local"
 
 [limits]
 max_connections = 10000
 
 [metrics]
-addr = "127.0.0.1:$SG_METRICS"
+addr = "127.0.0.1:$metrics"
 
 [log]
 level = "warn"
 EOF
-"$SQLGATE_BIN" run -c "$WORK/sqlgate.toml" 2>"$WORK/sqlgate.log" &
-PIDS+=($!) PID_sqlgate=$!
+    if [[ $pooled -eq 1 ]]; then
+        printf '\n[pool]\nmode = "session"\nauth_file = "%s"\n' "$WORK/auth_file.txt" >>"$cfg"
+    fi
+    "$SQLGATE_BIN" run -c "$cfg" 2>"$WORK/sqlgate.$name.log" &
+    PIDS+=($!)
+    printf -v "PID_$name" '%s' "$!"
+}
+sqlgate_start sqlgate "$SG_PORT" "$PG_PORT" "$SG_METRICS" 0
+sqlgate_start pooled "$SP_PORT" "$PG_PORT" "$SP_METRICS" 1
 
 log "HAProxy (mode tcp) on $HA_PORT"
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -209,36 +259,46 @@ EOF
 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!) PID_relay=$!
 
-log "PgBouncer on $PB_PORT"
+# pgbouncer_start NAME LISTEN_PORT NODE_PORT AUTH_TYPE: one PgBouncer, its
+# pid in PID_<NAME>. The userlist has bench's SCRAM secret (the line of
+# sqlgate's auth_file) and bench_md5's password. Under auth_type = md5 a user
+# with a SCRAM secret is authenticated with SCRAM-SHA-256 all the same, so
+# the local one keeps md5 for bench_md5 and SCRAM for bench.
 mkdir "$WORK/pgbouncer"
-printf '"bench" "benchpw"\n"bench_md5" "benchpw"\n' >"$WORK/pgbouncer/userlist.txt"
-cat >"$WORK/pgbouncer/pgbouncer.ini" <<EOF
+{ cat "$WORK/auth_file.txt"; printf '"bench_md5" "benchpw"\n'; } >"$WORK/pgbouncer/userlist.txt"
+pgbouncer_start() {
+    local name=$1 port=$2 node_port=$3 auth_type=$4 ini=$WORK/pgbouncer/$1.ini
+    log "PgBouncer ($name) on $port, node at $node_port, auth_type = $auth_type"
+    cat >"$ini" <<EOF
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=127.0.0.1 port=$node_port dbname=bench
 
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $PB_PORT
+listen_port = $port
 unix_socket_dir =
-auth_type = md5
+auth_type = $auth_type
 auth_file = $WORK/pgbouncer/userlist.txt
 pool_mode = session
 max_client_conn = $((IDLE + 500))
 default_pool_size = $((IDLE + 100))
 server_tls_sslmode = verify-full
 server_tls_ca_file = $CA
-logfile = $WORK/pgbouncer/pgbouncer.log
+logfile = $WORK/pgbouncer/$name.log
 log_connections = 0
 log_disconnections = 0
 # Close pooled server connections soon after their clients leave (the idle
 # test would otherwise leave $IDLE of them holding server slots).
 server_idle_timeout = 5
 EOF
-chown -R postgres: "$WORK/pgbouncer"
-# setpriv execs (runuser would fork): $! is PgBouncer itself.
-setpriv --reuid=postgres --regid=postgres --init-groups \
-    pgbouncer "$WORK/pgbouncer/pgbouncer.ini" >/dev/null 2>&1 &
-PIDS+=($!) PID_pgbouncer=$!
+    chown -R postgres: "$WORK/pgbouncer"
+    # setpriv execs (runuser would fork): $! is PgBouncer itself.
+    setpriv --reuid=postgres --regid=postgres --init-groups \
+        pgbouncer "$ini" >/dev/null 2>&1 &
+    PIDS+=($!)
+    printf -v "PID_$name" '%s' "$!"
+}
+pgbouncer_start pgbouncer "$PB_PORT" "$PG_PORT" md5
 
 log "stunnel on $ST_PORT"
 cat >"$WORK/stunnel.conf" <<EOF
@@ -261,17 +321,40 @@ EOF
 stunnel4 "$WORK/stunnel.conf" >/dev/null 2>&1 &
 PIDS+=($!) PID_stunnel=$!
 
-for port in "$SG_PORT" "$HA_PORT" "$PB_PORT" "$ST_PORT"; do wait_port "$port"; done
+# The far side for (e): the delay relay in front of the node, and behind it
+# an unpooled sqlgate, a pooled one and PgBouncer with auth_type = scram-sha-256.
+log "delay relay on $DL_PORT (${DELAY_MS} ms each way to the node)"
+python3 "$REPO/scripts/latency_relay.py" "$DL_PORT" "$PG_PORT" "$DELAY_MS" 2>"$WORK/latency_relay.log" &
+PIDS+=($!)
+wait_port "$DL_PORT"
+sqlgate_start far_sqlgate "$FSG_PORT" "$DL_PORT" "$(free_port)" 0
+sqlgate_start far_pooled "$FSP_PORT" "$DL_PORT" "$FSP_METRICS" 1
+pgbouncer_start far_pgbouncer "$FPB_PORT" "$DL_PORT" scram-sha-256
 
-# conninfo ROUTE [md5]: how a client reaches the node over ROUTE.
+for port in "$SG_PORT" "$SP_PORT" "$HA_PORT" "$PB_PORT" "$ST_PORT" "$FSG_PORT" "$FSP_PORT" "$FPB_PORT"; do
+    wait_port "$port"
+done
+
+# conninfo ROUTE [md5|far]: how a client reaches the node over ROUTE (far:
+# the route's instance behind the delay relay, SCRAM role).
 conninfo() {
     local user=bench
     [[ $1 == stunnel || ${2:-} == md5 ]] && user=bench_md5
     local common="dbname=bench user=$user password=benchpw connect_timeout=10"
+    if [[ ${2:-} == far ]]; then
+        case $1 in
+            direct) echo "host=127.0.0.1 port=$DL_PORT sslmode=verify-full sslrootcert=$CA $common" ;;
+            sqlgate) echo "host=127.0.0.1 port=$FSG_PORT sslmode=disable $common" ;;
+            pooled) echo "host=127.0.0.1 port=$FSP_PORT sslmode=disable $common" ;;
+            pgbouncer) echo "host=127.0.0.1 port=$FPB_PORT sslmode=disable $common" ;;
+        esac
+        return
+    fi
     case $1 in
         direct) echo "host=127.0.0.1 port=$PG_PORT sslmode=verify-full sslrootcert=$CA $common" ;;
         relay) echo "host=127.0.0.1 port=$HA_PORT sslmode=verify-full sslrootcert=$CA $common" ;;
         sqlgate) echo "host=127.0.0.1 port=$SG_PORT sslmode=disable $common" ;;
+        pooled) echo "host=127.0.0.1 port=$SP_PORT sslmode=disable $common" ;;
         pgbouncer) echo "host=127.0.0.1 port=$PB_PORT sslmode=disable $common" ;;
         stunnel) echo "host=127.0.0.1 port=$ST_PORT sslmode=disable $common" ;;
     esac
@@ -286,6 +369,13 @@ for route in "${ROUTES[@]}"; do
         [[ $ssl == t ]] || die "route $route ($auth) is not encrypted on the server (pg_stat_ssl.ssl = $ssl)"
     done
     printf '  %-10s encrypted\n' "$route" >&2
+done
+for route in "${FAR_ROUTES[@]}"; do
+    ssl=$(psql "$(conninfo "$route" far)" -X -At \
+        -c "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()" 2>&1) \
+        || die "route $route over the delay relay does not work: $ssl"
+    [[ $ssl == t ]] || die "route $route over the delay relay is not encrypted on the server (pg_stat_ssl.ssl = $ssl)"
+    printf '  %-10s encrypted (over the delay relay)\n' "$route" >&2
 done
 
 RESULTS=$WORK/results.txt
@@ -381,9 +471,39 @@ for round in $(seq 1 "$ROUNDS"); do
     for route in "${order[@]}"; do latency_run "$route" "$round"; done
     for route in "${order[@]}"; do pgbench_run "$route" tps_c8 -c 8 -j 2 "$(conninfo "$route")"; done
     for route in "${order[@]}"; do pgbench_run "$route" tps_c32 -c 32 -j 2 "$(conninfo "$route")"; done
-    for route in "${order[@]}"; do pgbench_run "$route" conn_rate -C -c 4 -j 2 "$(conninfo "$route" md5)"; done
+    for route in "${order[@]}"; do
+        # sqlgate pools only SCRAM users: bench_md5 would pass through unpooled.
+        [[ $route == pooled ]] && continue
+        pgbench_run "$route" conn_rate -C -c 4 -j 2 "$(conninfo "$route" md5)"
+    done
+    for route in "${order[@]}"; do
+        [[ $route == stunnel ]] && continue # md5 only, see above
+        pgbench_run "$route" conn_rate_scram -C -c 4 -j 2 "$(conninfo "$route")"
+    done
     for route in "${order[@]}"; do copy_run "$route"; done
 done
+
+# --- (e) new-connection latency over the delay relay ------------------------------
+# pool_checkouts METRICS_PORT OUTCOME: sqlgate_pool_checkouts_total{outcome}.
+pool_checkouts() {
+    curl -fsS "http://127.0.0.1:$1/metrics" |
+        awk -v o="outcome=\"$2\"" '/^sqlgate_pool_checkouts_total/ && index($0, o) {n += $NF} END {print n + 0}'
+}
+reused0=$(pool_checkouts "$FSP_METRICS" reused) opened0=$(pool_checkouts "$FSP_METRICS" opened)
+log "new connections over the delay relay: 10 warm-up + $CONNECTS measured per route (${FAR_ROUTES[*]})"
+specs=()
+for route in "${FAR_ROUTES[@]}"; do specs+=("$route=$(conninfo "$route" far)"); done
+python3 "$REPO/benches/connect_latency.py" --warmup 10 --count "$CONNECTS" "${specs[@]}" >"$WORK/connect.txt" \
+    || die "the new-connection test failed"
+FAR_REUSED=$(($(pool_checkouts "$FSP_METRICS" reused) - reused0))
+FAR_OPENED=$(($(pool_checkouts "$FSP_METRICS" opened) - opened0))
+RT_MS=$((2 * DELAY_MS))
+while read -r route p50 p90 _; do
+    record "$route" conn_ms_p50 "$p50"
+    record "$route" conn_ms_p90 "$p90"
+    record "$route" conn_rt_p50 "$(awk -v v="$p50" -v rt="$RT_MS" 'BEGIN {printf "%.2f", v / rt}')"
+    record "$route" conn_rt_p90 "$(awk -v v="$p90" -v rt="$RT_MS" 'BEGIN {printf "%.2f", v / rt}')"
+done <"$WORK/connect.txt"
 
 # CPU seconds per 100k transactions (8 and 32 clients, all rounds pooled).
 awk -v hz="$CLK_TCK" '{t[$1] += $3; n[$1] += $4}
@@ -396,7 +516,8 @@ median() { # route metric
         awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
 declare -A MED
-METRICS=(tps_c1 tps_c8 tps_c32 p50_us p99_us conn_rate copy_s cpu_s_100k rss_kib)
+METRICS=(tps_c1 tps_c8 tps_c32 p50_us p99_us conn_rate conn_rate_scram copy_s cpu_s_100k rss_kib
+    conn_ms_p50 conn_ms_p90 conn_rt_p50 conn_rt_p90)
 for route in "${ROUTES[@]}"; do
     for metric in "${METRICS[@]}"; do MED[$route,$metric]=$(median "$route" "$metric"); done
 done
@@ -408,7 +529,7 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
     echo "rounds=$ROUNDS duration=${DURATION}s copy=${copy_mb} MB idle=$IDLE scale=$SCALE · load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "medians over rounds; (x) = ratio to direct (for copy and latency: direct/route, higher is better)"
     printf '%-24s' metric
-    for route in "${ROUTES[@]}"; do printf '%17s' "$route"; done
+    for route in "${ROUTES[@]}"; do printf '%15s' "$route"; done
     echo
     row() { # label metric kind(higher|lower|abs)
         printf '%-24s' "$1"
@@ -424,7 +545,7 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
                     r = (k == "higher") ? v / d : d / v
                     printf (v >= 100 ? "%.0f (%.2f)" : "%.2f (%.2f)"), v, r}')
             fi
-            printf '%17s' "$cell"
+            printf '%15s' "$cell"
         done
         echo
     }
@@ -433,10 +554,18 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
     row "tps select, 32 clients" tps_c32 higher
     row "latency p50 us, 1 cl." p50_us lower
     row "latency p99 us, 1 cl." p99_us lower
-    row "connections/s (-C)" conn_rate higher
+    row "connections/s (-C) md5" conn_rate higher
+    row "connections/s (-C) SCRAM" conn_rate_scram higher
     row "COPY ${copy_mb} MB, s" copy_s lower
     row "proxy CPU s/100k txn" cpu_s_100k abs
     row "proxy KiB/idle session" rss_kib abs
+    echo "new connection (connect + SCRAM + select 1 + close) over ${DELAY_MS} ms each way to the node,"
+    echo "client local to the proxy; psycopg/libpq $(python3 -c 'import psycopg; print(psycopg.pq.version())'), 10 warm-up + $CONNECTS sequential"
+    row "new conn ms, p50" conn_ms_p50 lower
+    row "new conn ms, p90" conn_ms_p90 lower
+    row "new conn RTs, p50" conn_rt_p50 abs
+    row "new conn RTs, p90" conn_rt_p90 abs
+    echo "pooled: $FAR_REUSED checkouts reused a server session, $FAR_OPENED opened one (warm-up included)"
 
     # sqlgate against the issue's targets (information, not a verdict).
     echo
@@ -466,9 +595,27 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
             check("idle session < PgBouncer", mg < mb, sprintf("%.1f vs %.1f KiB", mg, mb))
         }'
     echo
+    echo "pooled sqlgate against the targets of issue 13:"
+    awk -v r50="${MED[pooled,conn_rt_p50]}" -v r90="${MED[pooled,conn_rt_p90]}" \
+        -v m50="${MED[pooled,conn_ms_p50]}" -v b50="${MED[pgbouncer,conn_ms_p50]}" \
+        -v kp="${MED[pooled,conn_rate_scram]}" -v kb="${MED[pgbouncer,conn_rate_scram]}" \
+        -v p1="${MED[pooled,tps_c1]}" -v p8="${MED[pooled,tps_c8]}" -v p32="${MED[pooled,tps_c32]}" \
+        -v g1="${MED[sqlgate,tps_c1]}" -v g8="${MED[sqlgate,tps_c8]}" -v g32="${MED[sqlgate,tps_c32]}" '
+        function check(label, ok, detail) { printf "  %-4s %-48s %s\n", ok ? "met" : "MISS", label, detail }
+        BEGIN {
+            check("new conn + select 1 <= 1.3 round trips (p50)", r50 <= 1.3, sprintf("%.2f RT (p90 %.2f)", r50, r90))
+            check("new conn + select 1 below PgBouncer (p50)", m50 < b50, sprintf("%.1f vs %.1f ms", m50, b50))
+            check("connections/s (-C, SCRAM) >= PgBouncer", kp >= kb, sprintf("%.3f x PgBouncer", kp / kb))
+            check("tps 1 client >= 0.97 x unpooled sqlgate", p1 >= 0.97 * g1, sprintf("%.3f x unpooled", p1 / g1))
+            check("tps 8 clients >= 0.97 x unpooled sqlgate", p8 >= 0.97 * g8, sprintf("%.3f x unpooled", p8 / g8))
+            check("tps 32 clients >= 0.97 x unpooled sqlgate", p32 >= 0.97 * g32, sprintf("%.3f x unpooled", p32 / g32))
+        }'
+    echo
     echo "finished in $(($(date +%s) - START)) s"
 } | tee "$WORK/table.txt"
 cp "$WORK/table.txt" "${TMPDIR:-/tmp}/sqlgate-bench-last.txt" 2>/dev/null || true
 
 # Rolling restart (three nodes of its own): failed new connections per route.
-"$REPO/benches/rolling_restart.sh" --sqlgate "$SQLGATE_BIN" || log "rolling_restart.sh failed"
+if [[ $ROLLING -eq 1 ]]; then
+    "$REPO/benches/rolling_restart.sh" --sqlgate "$SQLGATE_BIN" || log "rolling_restart.sh failed"
+fi
