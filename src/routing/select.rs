@@ -26,7 +26,9 @@ use super::Status;
 /// region's RTT) to become the nearest region.
 pub const SWITCH_MARGIN_RATIO: f64 = 0.2;
 /// ... and at least this much nearer in absolute terms.
-pub const SWITCH_MARGIN_MIN: Duration = Duration::from_millis(1);
+/// Differences below a few milliseconds are one data centre's jitter (and, on
+/// a loaded host, the prober's own scheduling), not a nearer region.
+pub const SWITCH_MARGIN_MIN: Duration = Duration::from_millis(5);
 
 /// One node as selection sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,9 +429,9 @@ mod tests {
                 want: Some("b"),
             },
             NearestCase {
-                name: "under a millisecond is never a clear margin",
+                name: "under the minimum margin is never a clear margin",
                 nodes: vec![
-                    node("a", Up, Some(Duration::from_micros(900)), 0),
+                    node("a", Up, Some(Duration::from_micros(4900)), 0),
                     node("b", Up, Some(Duration::from_micros(300)), 0),
                 ],
                 current: Some("a"),
