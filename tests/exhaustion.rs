@@ -7,11 +7,11 @@
 //! File descriptors: the test process and the daemon are separate processes
 //! with a hard limit of 20 000 each here; the test holds at most ~5 100.
 
-mod fault_support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use fault_support::{
+use common::fake_node::{
     Behaviour, Daemon, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml,
     own_fd_count, raw_startup, simple_query,
 };
@@ -179,7 +179,7 @@ async fn serves_a_normal_client_through_a_flood_of_10000_short_connections() {
                 match i % 3 {
                     0 => {}
                     1 => {
-                        let _ = s.write_all(&fault_support::ssl_request()).await;
+                        let _ = s.write_all(&common::fake_node::ssl_request()).await;
                     }
                     _ => {
                         let _ = s.write_all(&[0xff; 16]).await;

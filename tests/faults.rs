@@ -2,11 +2,11 @@
 //! skip TLS close_notify, present bad certificates or refuse TLS, each in
 //! front of the real sqlgate binary. Every wait is bounded.
 
-mod fault_support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use fault_support::{
+use common::fake_node::{
     Behaviour, Daemon, FakeNode, Node, PRE_TLS_SECRET, SessionEnd, StartupResult, TestCa, Validity,
     config_toml, raw_startup, simple_query, time_to_end,
 };
@@ -139,7 +139,7 @@ async fn reset_mid_copy_ends_the_client_promptly() {
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::ResetInCopy), ca.good()).await;
     let gate = daemon(&ca, &[Node::localhost(node.addr, "near")], "5s").await;
     let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
-    let query = fault_support::message(b'Q', b"copy t to stdout\0");
+    let query = common::fake_node::message(b'Q', b"copy t to stdout\0");
     s.write_all(&query).await.expect("send copy");
     let took = time_to_end(&mut s, STEP)
         .await
@@ -273,7 +273,7 @@ async fn server_answering_e_to_sslrequest_gives_08004_and_its_text_is_not_relaye
     let mut raw = tokio::net::TcpStream::connect(gate.addr)
         .await
         .expect("connect");
-    raw.write_all(&fault_support::startup_message())
+    raw.write_all(&common::fake_node::startup_message())
         .await
         .expect("startup");
     let mut everything = Vec::new();

@@ -5,7 +5,6 @@
 //! recorder is per process), in front of real PostgreSQL 15 nodes with TLS.
 
 mod common;
-mod ops_support;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -14,10 +13,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http::http_get;
+use common::latency::Switch;
+use common::systemd::units_for_test;
+use common::{Gate, Process, SQLGATE, connect_app_from, refused_port};
 use common::{GateConfig, NodeEntry, NodeTls, PgNode, Pki, connect_app, sqlstate, startup_outcome};
-use ops_support::{
-    Gate, Process, SQLGATE, Switch, connect_app_from, http_get, refused_port, units_for_test,
-};
 
 const LOOPBACK_1: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 const LOOPBACK_2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));

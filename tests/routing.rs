@@ -7,15 +7,14 @@
 //! (`inet_server_port()`: every node listens on its own port).
 
 mod common;
-mod latency;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::latency::{Blackhole, LatencyRelay, PgControl, ReadinessServer};
 use common::{GateConfig, NodeEntry, NodeTls, Outcome, PgNode, Pki, Sqlgate, Validity};
-use latency::{Blackhole, LatencyRelay, PgControl, ReadinessServer};
 
 /// Every test ends within this, pass or fail.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);

@@ -5,11 +5,11 @@
 //! is never retried; a node that stalls or closes in the startup gets the
 //! client a FATAL 08006 that names it. Every wait is bounded.
 
-mod fault_support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use fault_support::{
+use common::fake_node::{
     Behaviour, Daemon, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml, message,
     raw_startup, read_message, simple_query, startup_message,
 };

@@ -12,7 +12,6 @@
 //! `ListenStream=` (a free port instead of 26257).
 
 mod common;
-mod systemd_support;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
@@ -20,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::systemd::{BoxFiles, OutputText as _, SystemdBox, poll};
 use common::{NodeTls, PgNode, Pki, SQLGATE, connect_app, free_port, sqlstate};
-use systemd_support::{BoxFiles, OutputText as _, SystemdBox, poll};
 
 const UNIT: &str = "sqlgate.service";
 const SOCKET: &str = "sqlgate.socket";
