@@ -7,13 +7,13 @@
 
 mod common;
 
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::bounded;
 use common::{BackendMessage, NodeTls, PgNode, Pki, clear_libpq_env, parse_error_fields, wire};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -29,12 +29,6 @@ use tokio_rustls::client::TlsStream;
 
 const USER: &str = "pooled";
 const PASSWORD: &str = "pencil";
-
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
 
 /// A PostgreSQL 15 node (TLS, SCRAM) with role `pooled`, password `pencil`,
 /// and that role's SCRAM secret as `pg_authid` holds it.

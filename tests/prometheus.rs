@@ -12,13 +12,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::bounded;
 use common::{Gate, Process};
 use common::{GateConfig, NodeEntry, NodeTls, PgNode, Pki, connect_app, free_port};
 use serde_json::Value;
@@ -33,13 +33,6 @@ const REGION: &str = "us-east1";
 const SCRAPE_INTERVAL: &str = "200ms";
 /// How long any one expectation on Prometheus's view may take to come true.
 const SETTLE: Duration = Duration::from_secs(20);
-
-/// Fails the test if `body` takes longer than `limit`.
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
 
 fn rules_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prometheus")

@@ -9,10 +9,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::bounded;
 use common::latency::{Blackhole, LatencyRelay, PgControl, ReadinessServer};
 use common::{GateConfig, NodeEntry, NodeTls, Outcome, PgNode, Pki, Sqlgate, Validity};
 
@@ -27,12 +27,6 @@ timeout = \"2s\"
 unhealthy_after = 2
 healthy_after = 2
 ";
-
-async fn bounded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("the test finishes within its time bound");
-}
 
 async fn start_nodes(pki: &Pki, count: usize) -> Vec<PgNode> {
     let cert = pki.server_cert();
@@ -124,7 +118,7 @@ async fn ports_of_sessions(gate: SocketAddr, count: usize, gap: Duration) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balances_concurrent_sessions_over_the_nodes_of_the_configured_region() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("balance");
         let nodes = start_nodes(&pki, 3).await;
         let mut config = GateConfig::new(
@@ -183,7 +177,7 @@ async fn balances_concurrent_sessions_over_the_nodes_of_the_configured_region() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_to_the_lowest_latency_node_and_follows_latency_changes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("latency");
         let nodes = start_nodes(&pki, 3).await;
         let near = LatencyRelay::start(nodes[0].addr(), Duration::ZERO).await;
@@ -222,7 +216,7 @@ async fn routes_to_the_lowest_latency_node_and_follows_latency_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_equal_latencies_do_not_flap_between_regions() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("flap");
         let nodes = start_nodes(&pki, 2).await;
         let base = Duration::from_millis(40);
@@ -267,7 +261,7 @@ async fn near_equal_latencies_do_not_flap_between_regions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("failover");
         let nodes = start_nodes(&pki, 3).await;
         let next = LatencyRelay::start(nodes[1].addr(), Duration::from_millis(5)).await;
@@ -326,7 +320,7 @@ async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_08006_naming_every_node_tried_when_all_are_down() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("all-down");
         let nodes = start_nodes(&pki, 1).await;
         PgControl::of(&nodes[0]).await.stop().await;
@@ -412,7 +406,7 @@ async fn nodes_command_at(path: &std::path::Path) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_selects_a_node_whose_certificate_does_not_match_its_name() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("mismatch");
         let wrong_cert = pki.issue("wrong", &["db.other.example"], Validity::Current);
         let (wrong, good) = tokio::join!(
@@ -472,7 +466,7 @@ async fn never_selects_a_node_whose_certificate_does_not_match_its_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_command_explains_unreachable_nodes_and_rejects_bad_config() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("nodes-cmd");
         let other_ca = Pki::new("nodes-cmd-other");
         let (good, foreign) = tokio::join!(
@@ -532,7 +526,7 @@ async fn nodes_command_explains_unreachable_nodes_and_rejects_bad_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stops_routing_to_a_node_whose_readiness_check_fails() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("readiness");
         let cert = pki.server_cert();
         let nodes = start_nodes(&pki, 2).await;

@@ -19,18 +19,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::bounded;
 use common::systemd::{BoxFiles, OutputText as _, SystemdBox, poll};
 use common::{NodeTls, PgNode, Pki, SQLGATE, connect_app, free_port, sqlstate};
 
 const UNIT: &str = "sqlgate.service";
 const SOCKET: &str = "sqlgate.socket";
-
-/// Fails the test if `body` takes longer than `limit`.
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
 
 /// Runs blocking container work off the runtime's threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -212,3 +212,23 @@ pub async fn connect_app_from(
     });
     Ok(client)
 }
+
+/// Asserts that a tokio-postgres session through `addr` authenticates as
+/// `app` and that the node sees it encrypted.
+pub async fn assert_encrypted_session(addr: SocketAddr) {
+    let client = connect_app(addr)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres through sqlgate at {addr}: {e:?}"));
+    let row = client
+        .query_one(
+            "select current_user::text, (select ssl from pg_stat_ssl where pid = pg_backend_pid())",
+            &[],
+        )
+        .await
+        .expect("query through sqlgate");
+    assert_eq!(row.get::<_, String>(0), APP_USER);
+    assert!(
+        row.get::<_, bool>(1),
+        "pg_stat_ssl.ssl must be true for a session relayed by sqlgate"
+    );
+}

@@ -16,6 +16,8 @@
 //! - [`psql`], [`psql_copy_digest`], [`connect_app`] (`clients.rs`): real clients.
 //! - [`bounded`], [`wait_until`], [`wait_for`], [`poll`] (`wait.rs`): every
 //!   wait is bounded and polls for its condition.
+//! - `cancel.rs`, `ops.rs`: helpers several test files share (sessions in
+//!   `pg_sleep`, CancelRequests, raw sessions; loopback addresses, `select 1`).
 //! - [`Process`] (`process.rs`): a child process with its stderr collected.
 //! - [`fake_node`]: fake cluster nodes that misbehave on cue.
 //! - [`http`]: `GET` and a strict Prometheus text parser for `/metrics`.
@@ -283,12 +285,14 @@ fn pg_conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
+mod cancel;
 mod clients;
 mod config;
 pub mod fake_node;
 mod gate;
 pub mod http;
 pub mod latency;
+mod ops;
 mod pg;
 mod pki;
 pub mod process;
@@ -296,9 +300,11 @@ pub mod systemd;
 mod wait;
 mod wire_client;
 
+pub use cancel::*;
 pub use clients::*;
 pub use config::*;
 pub use gate::*;
+pub use ops::*;
 pub use pg::*;
 pub use pki::*;
 pub use process::{Process, SQLGATE, addr_field};
