@@ -35,8 +35,13 @@ async fn denies_client_outside_allowlist_without_dialing_a_node() {
                 e.message
             );
         }
-        // Give a wrongly spawned dial time to show up in the server log.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A wrongly spawned dial would show up in the server log: watch it for a while.
+        assert_stays(
+            Duration::from_millis(500),
+            "the node sees no connection for a denied client",
+            || async { node.tcp_connections_received() == received_before },
+        )
+        .await;
         assert_eq!(
             node.tcp_connections_received(),
             received_before,

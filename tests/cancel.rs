@@ -269,7 +269,12 @@ async fn unknown_denied_and_flooded_cancels_reach_no_session_and_daemon_stays_he
         );
 
         // Nothing reached the session: it still sleeps and has said nothing.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_stays(
+            Duration::from_millis(300),
+            "the session still sleeps",
+            || async { sleeping_pids(&node).await == BTreeSet::from([pid]) },
+        )
+        .await;
         assert_eq!(sleeping_pids(&node).await, BTreeSet::from([pid]));
         assert!(
             tokio::time::timeout(Duration::from_millis(200), session.read_message())

@@ -148,15 +148,18 @@ async fn direct_negotiation_refuses_server_without_alpn_with_08004() {
             "the message names ALPN: {error:?}"
         );
         // The server side of the handshake may finish just after sqlgate's.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while handshakes.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            handshakes.load(Ordering::SeqCst) >= 1,
-            "the refusal follows a completed (verified) handshake"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until(
+            Duration::from_secs(5),
+            "the refusal follows a completed (verified) handshake",
+            || async { handshakes.load(Ordering::SeqCst) >= 1 },
+        )
+        .await;
+        assert_stays(
+            Duration::from_millis(200),
+            "no StartupMessage is sent to a server without ALPN",
+            || async { bytes_after.load(Ordering::SeqCst) == 0 },
+        )
+        .await;
         assert_eq!(
             bytes_after.load(Ordering::SeqCst),
             0,

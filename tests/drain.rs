@@ -28,8 +28,7 @@ async fn sigterm_lets_a_query_within_the_grace_finish_and_answers_newcomers_57p0
             let result = client.query_one("select pg_sleep(3)", &[]).await;
             (result.map(|_| ()), started.elapsed())
         });
-        // Let the query reach the node.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for_sleeper_count(&node, 1).await;
         let signalled = Instant::now();
         gate.process.signal("TERM");
         gate.process
@@ -74,7 +73,7 @@ async fn sigterm_cuts_a_query_that_outlasts_the_grace() {
                 .await
                 .map(|_| ())
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for_sleeper_count(&node, 1).await;
         let signalled = Instant::now();
         gate.process.signal("TERM");
         let result = tokio::time::timeout(Duration::from_secs(20), query)
@@ -90,20 +89,17 @@ async fn sigterm_cuts_a_query_that_outlasts_the_grace() {
         let status = gate.process.wait_exit(Duration::from_secs(10)).await;
         assert!(status.success(), "exit status {status}");
         // The cut session's query is cancelled on the server, not left running.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let running = node
-                .admin_sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'")
-                .await;
-            if running.trim() == "0" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cut query still runs on the server: {running}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(
+            Duration::from_secs(10),
+            "the cut query still runs on the server",
+            || async {
+                node.admin_sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'")
+                    .await
+                    .trim()
+                    == "0"
+            },
+        )
+        .await;
     })
     .await;
 }
@@ -127,7 +123,7 @@ async fn a_second_sigterm_exits_at_once_without_waiting_for_the_grace() {
                 .await
                 .map(|_| ())
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for_sleeper_count(&node, 1).await;
         gate.process.signal("TERM");
         gate.process
             .expect_line(Duration::from_secs(5), "draining")

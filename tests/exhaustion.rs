@@ -15,6 +15,7 @@ use common::fake_node::{
     Behaviour, Daemon, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml,
     own_fd_count, raw_startup, simple_query,
 };
+use common::wait_until;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -57,6 +58,19 @@ async fn settle_fds(gate: &Daemon, target: usize, limit: Duration) -> usize {
     }
 }
 
+/// Runs the warm-up session and waits (bounded) until the daemon's fd count
+/// is back where it was before it: the session's sockets are closed.
+async fn warm_up(gate: &Daemon) {
+    let idle = gate.fd_count();
+    served(gate).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the warm-up session's sockets close",
+        || async { gate.fd_count() <= idle },
+    )
+    .await;
+}
+
 /// How far above its baseline the daemon's RSS may stay once the load is gone.
 const RSS_SLACK_KIB: u64 = 8 * 1024;
 
@@ -90,8 +104,7 @@ async fn start(extra: &str, nofile: Option<(u64, u64)>) -> (TestCa, FakeNode, Da
 async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
     raise_own_limit();
     let (_ca, _node, gate) = start("\n[limits]\nstartup_timeout = \"120s\"\n", None).await;
-    served(&gate).await; // warm up
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    warm_up(&gate).await;
     let (fds_before, rss_before) = (gate.fd_count(), gate.rss_kib());
     let own_before = own_fd_count();
 
@@ -157,8 +170,7 @@ async fn serves_a_normal_client_while_5000_clients_hold_the_startup_stage() {
 async fn serves_a_normal_client_through_a_flood_of_10000_short_connections() {
     raise_own_limit();
     let (_ca, _node, gate) = start("", None).await;
-    served(&gate).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    warm_up(&gate).await;
     let (fds_before, rss_before) = (gate.fd_count(), gate.rss_kib());
 
     let phase = Instant::now();
@@ -255,6 +267,7 @@ async fn raises_its_open_files_limit_and_backs_off_at_emfile() {
         .iter()
         .filter(|l| l.contains("accept failed"))
         .count();
+    // The measurement window: three seconds at EMFILE, on purpose.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu = gate.cpu_time().saturating_sub(cpu_before);
     let failures = gate

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -39,12 +39,20 @@ async fn each_session_logs_one_summary_line_in_its_span_without_secrets() {
             assert_eq!(path, "cfgmarker", "upstream.options reached the node");
             drop(client);
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while gate.process.count_lines("session ended") < SESSIONS {
-            assert!(Instant::now() < deadline, "{}", gate.process.stderr());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            gate.process
+                .wait_for_lines("session ended", SESSIONS, Duration::from_secs(10))
+                .await,
+            "{}",
+            gate.process.stderr()
+        );
+        // A second summary line of a session would come right after the first.
+        assert_stays(
+            Duration::from_millis(300),
+            "one summary line per session",
+            || async { gate.process.count_lines("session ended") == SESSIONS },
+        )
+        .await;
         let lines = gate.process.lines();
         let ended: Vec<&String> = lines.iter().filter(|l| l.contains("session ended")).collect();
         assert_eq!(ended.len(), SESSIONS, "one summary line per session:\n{ended:#?}");

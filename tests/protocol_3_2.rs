@@ -121,7 +121,12 @@ async fn protocol_3_2_session_gets_a_32_byte_key_that_cancels_its_query() {
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let short = send_cancel(local, gate.addr, pid, &key[..4]).await;
         assert_eq!(short, Outcome::Closed, "closed without a reply");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_stays(
+            Duration::from_millis(300),
+            "a 4-byte prefix of the key cancels nothing",
+            || async { sleeping_pids(&node).await == BTreeSet::from([pid]) },
+        )
+        .await;
         assert_eq!(sleeping_pids(&node).await, BTreeSet::from([pid]));
 
         let since = Instant::now();

@@ -130,16 +130,25 @@ async fn send_bad_startup(addr: SocketAddr, case: &BadStartup) -> (Outcome, Dura
     (outcome, started.elapsed())
 }
 
-/// Sends a valid startup message one byte per second, reading all along.
-async fn drip_startup(addr: SocketAddr) -> (Outcome, Duration) {
+/// Sends a valid startup message one byte per second, reading all along;
+/// `dripping` is told when the first byte is out.
+async fn drip_startup(
+    addr: SocketAddr,
+    dripping: tokio::sync::oneshot::Sender<()>,
+) -> (Outcome, Duration) {
     let started = Instant::now();
     let client = RawClient::connect(addr).await.expect("connect to sqlgate");
     let (mut reader, mut writer) = client.stream.into_split();
     let drip = tokio::spawn(async move {
+        let mut dripping = Some(dripping);
         for byte in wire::app_startup() {
             if writer.write_all(&[byte]).await.is_err() {
                 return;
             }
+            if let Some(tell) = dripping.take() {
+                let _ = tell.send(());
+            }
+            // Slow on purpose: this is the slow client under test.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
@@ -184,8 +193,11 @@ async fn refuses_malformed_or_slow_startup_with_08p01_and_keeps_serving() {
         let addr = gate.addr;
 
         // The slow client drips while a normal client is served.
-        let slow = tokio::spawn(drip_startup(addr));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (dripping, started_dripping) = tokio::sync::oneshot::channel();
+        let slow = tokio::spawn(drip_startup(addr, dripping));
+        started_dripping
+            .await
+            .expect("the slow client starts dripping");
         assert_encrypted_session(addr).await;
 
         let cases = bad_startups();

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::bounded;
 use common::systemd::{BoxFiles, OutputText as _, SystemdBox, poll};
 use common::{NodeTls, PgNode, Pki, SQLGATE, connect_app, free_port, sqlstate};
+use common::{bounded, wait_for_sleeper_count, wait_until};
 
 const UNIT: &str = "sqlgate.service";
 const SOCKET: &str = "sqlgate.socket";
@@ -212,6 +212,7 @@ fn stalling_node() -> (u16, Arc<AtomicBool>) {
         while !stopped.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((stream, _)) => held.push(stream),
+                // Non-blocking accept, so that the thread sees `stop`.
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
@@ -546,7 +547,7 @@ async fn stop_drains_a_held_session_and_exits_0() {
             let outcome = held.query_one("select pg_sleep(3)", &[]).await.map(|_| ());
             (held, outcome)
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_for_sleeper_count(&node, 1).await;
 
         let stopping = Instant::now();
         let stop = {
@@ -661,7 +662,8 @@ async fn a_process_that_stops_answering_the_watchdog_is_restarted() {
         let g = Arc::clone(&gate);
         blocking(move || {
             let pid = g.main_pid();
-            // WATCHDOG=1 keeps a running process alive past WatchdogSec.
+            // WATCHDOG=1 keeps a running process alive past WatchdogSec: the
+            // test lets more than WatchdogSec=2s pass on purpose.
             std::thread::sleep(Duration::from_secs(3));
             assert_eq!(
                 (g.main_pid(), g.property("NRestarts").as_str()),
@@ -732,7 +734,10 @@ async fn socket_activation_keeps_queued_clients_across_restarts() {
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_until(Duration::from_secs(20), "the client loops run sessions", || async {
+            ok.load(Ordering::SeqCst) >= LOOPS
+        })
+        .await;
         let g = Arc::clone(&gate);
         let pids = blocking(move || {
             let mut pids = vec![g.main_pid()];
@@ -740,12 +745,19 @@ async fn socket_activation_keeps_queued_clients_across_restarts() {
                 g.sd.run(&["systemctl", "restart", UNIT]);
                 assert_eq!(g.sd.property(SOCKET, "ActiveState"), "active", "the socket stays");
                 pids.push(g.main_pid());
+                // Restarts paced on purpose, so that the clients meet each process.
                 std::thread::sleep(Duration::from_millis(300));
             }
             pids
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after_restarts = ok.load(Ordering::SeqCst);
+        wait_until(
+            Duration::from_secs(20),
+            "the clients run sessions on the last process",
+            || async { ok.load(Ordering::SeqCst) >= after_restarts + LOOPS },
+        )
+        .await;
         done.store(true, Ordering::SeqCst);
         for client in clients {
             client.await.expect("client loop");

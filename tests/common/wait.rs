@@ -1,6 +1,7 @@
-//! Bounded waits: a whole test under a time limit ([`bounded`]) and polling a
+//! Bounded waits: a whole test under a time limit ([`bounded`]), polling a
 //! condition until it holds or a deadline passes ([`wait_until`], [`wait_for`],
-//! and [`poll`] for blocking code). Tests wait for what they need, never for a
+//! and [`poll`] for blocking code), and checking that something does not
+//! happen for a while ([`assert_stays`]). Tests wait for what they need, never for a
 //! fixed time.
 
 use std::future::Future;
@@ -72,5 +73,23 @@ pub fn poll<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks `cond` every [`POLL_INTERVAL`] for `window` and panics naming `what`
+/// the first time it is false: for "nothing happens" assertions, where there
+/// is no event to wait for, only a time during which it must not occur.
+pub async fn assert_stays<F, Fut>(window: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + window;
+    loop {
+        assert!(cond().await, "{what}");
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
