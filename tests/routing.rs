@@ -12,21 +12,37 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::bounded;
 use common::latency::{Blackhole, LatencyRelay, PgControl, ReadinessServer};
 use common::{GateConfig, NodeEntry, NodeTls, Outcome, PgNode, Pki, Sqlgate, Validity};
+use common::{bounded, wait_until};
 
 /// Every test ends within this, pass or fail.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Fast probes so that tests see changes within seconds.
+/// Fast probes so that tests see changes within seconds; metrics so that
+/// they can wait for the prober's verdicts (`sqlgate_node_up`).
 const HEALTH: &str = "
+[metrics]
+addr = \"127.0.0.1:0\"
+
 [health]
 interval = \"200ms\"
 timeout = \"2s\"
 unhealthy_after = 2
 healthy_after = 2
 ";
+
+/// Waits (bounded) until the prober reports `node` up (`up`) or down.
+async fn wait_node_up(gate: &Sqlgate, node: &PgNode, up: bool) {
+    let id = format!("localhost:{}", node.port());
+    let want = if up { 1.0 } else { 0.0 };
+    wait_until(
+        Duration::from_secs(20),
+        &format!("the prober reports {id} up={up}"),
+        || async { gate.scrape().await.sum("sqlgate_node_up", &[("node", &id)]) == Some(want) },
+    )
+    .await;
+}
 
 async fn start_nodes(pki: &Pki, count: usize) -> Vec<PgNode> {
     let cert = pki.server_cert();
@@ -111,6 +127,7 @@ async fn ports_of_sessions(gate: SocketAddr, count: usize, gap: Duration) -> Vec
     let mut ports = Vec::with_capacity(count);
     for _ in 0..count {
         ports.push(next_port(gate).await);
+        // Sessions spaced on purpose, as the caller asks.
         tokio::time::sleep(gap).await;
     }
     ports
@@ -233,7 +250,9 @@ async fn near_equal_latencies_do_not_flap_between_regions() {
         );
         config.extra = HEALTH.to_owned();
         let gate = Sqlgate::start(&config).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for node in &nodes[..2] {
+            wait_node_up(&gate, node, true).await;
+        }
 
         let chosen = next_port(gate.addr).await;
         let (kept, other) = if chosen == nodes[0].port() {
@@ -244,6 +263,8 @@ async fn near_equal_latencies_do_not_flap_between_regions() {
         assert_eq!(chosen, nodes[kept].port());
         // Slightly worse than the other region, well inside the switch margin.
         relays[kept].set_delay(base + Duration::from_millis(2));
+        // The prober smooths RTTs over several rounds: give it those rounds
+        // (no single event says the new delay is in the estimate).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let ports = ports_of_sessions(gate.addr, 8, Duration::from_millis(100)).await;
         assert!(
@@ -276,7 +297,9 @@ async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts()
         );
         config.extra = format!("{HEALTH}\n[routing]\nregion = \"home\"\n");
         let gate = Sqlgate::start(&config).await;
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        for node in &nodes {
+            wait_node_up(&gate, node, true).await;
+        }
 
         let (on_home, port) = session(gate.addr).await;
         assert_eq!(
@@ -299,7 +322,7 @@ async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts()
             "the session on the stopped node has ended"
         );
         // Once it is marked down: straight to the next-nearest node.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        wait_node_up(&gate, &nodes[0], false).await;
         let ports = ports_of_sessions(gate.addr, 5, Duration::from_millis(50)).await;
         assert!(
             ports.iter().all(|&p| p == nodes[1].port()),
@@ -371,6 +394,8 @@ async fn reports_08006_naming_every_node_tried_when_all_are_down() {
                     error.message
                 );
             }
+            // Unreachable nodes report down before and after their probes:
+            // the second round comes after enough probe rounds to mark them.
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
     })
@@ -422,7 +447,7 @@ async fn never_selects_a_node_whose_certificate_does_not_match_its_name() {
         config.extra = format!("{HEALTH}\n[routing]\nregion = \"home\"\n");
         let gate = Sqlgate::start(&config).await;
         let mut ports = ports_of_sessions(gate.addr, 3, Duration::ZERO).await;
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        wait_node_up(&gate, &good, true).await;
         ports.extend(ports_of_sessions(gate.addr, 5, Duration::from_millis(50)).await);
         assert!(
             ports.iter().all(|&p| p == good.port()),
@@ -555,6 +580,10 @@ async fn stops_routing_to_a_node_whose_readiness_check_fails() {
             HEALTH
         );
         let gate = Sqlgate::start(&config).await;
+        // Both nodes answer their TLS probes; only the readiness endpoint
+        // tells them apart, and no metric shows a draining node: wait for the
+        // probes to run, then give the readiness answers a few more rounds.
+        wait_node_up(&gate, &nodes[1], true).await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let ports = ports_of_sessions(gate.addr, 5, Duration::from_millis(50)).await;
         assert!(

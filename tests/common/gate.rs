@@ -99,9 +99,11 @@ impl GateBuilder {
             .first()
             .expect("the daemon reports its bound listener");
         let shutdown = daemon.lifecycle();
+        let metrics = daemon.metrics_addr();
         let task = tokio::spawn(daemon.run());
         Sqlgate {
             addr,
+            metrics,
             config_path,
             shutdown,
             task: Some(task),
@@ -161,6 +163,8 @@ pub fn init_test_logging() {
 /// cancelled on drop.
 pub struct Sqlgate {
     pub addr: SocketAddr,
+    /// The metrics endpoint, when the config has `[metrics]`.
+    pub metrics: Option<SocketAddr>,
     pub config_path: PathBuf,
     shutdown: sqlgate::shutdown::Lifecycle,
     task: Option<tokio::task::JoinHandle<Result<(), sqlgate::DaemonError>>>,
@@ -171,6 +175,11 @@ impl Sqlgate {
     /// Starts `config` in-process: [`GateBuilder::in_process`].
     pub async fn start(config: impl Into<ConfigText>) -> Sqlgate {
         Gate::builder(config).in_process().await
+    }
+
+    /// Scrapes /metrics (the config has `[metrics]`) and parses it.
+    pub async fn scrape(&self) -> Metrics {
+        scrape(self.metrics.expect("the config has [metrics]")).await
     }
 
     /// True while `Daemon::run` has not returned.
@@ -244,10 +253,7 @@ impl Gate {
 
     /// Scrapes /metrics and parses it.
     pub async fn scrape(&self) -> Metrics {
-        let (status, body) = http_get(self.metrics_addr(), "/metrics").await;
-        assert_eq!(status, 200, "GET /metrics: {body}");
-        parse_prometheus(&body)
-            .unwrap_or_else(|e| panic!("/metrics is not valid Prometheus text: {e}\n{body}"))
+        scrape(self.metrics_addr()).await
     }
 
     /// GET /readyz status.
@@ -374,4 +380,12 @@ impl std::ops::DerefMut for Daemon {
     fn deref_mut(&mut self) -> &mut Gate {
         &mut self.0
     }
+}
+
+/// Scrapes the metrics endpoint at `addr` and parses it.
+pub async fn scrape(addr: SocketAddr) -> Metrics {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    parse_prometheus(&body)
+        .unwrap_or_else(|e| panic!("/metrics is not valid Prometheus text: {e}\n{body}"))
 }
