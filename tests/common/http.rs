@@ -6,15 +6,25 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-/// `GET path` over HTTP/1.1 with `Connection: close`; returns status and body.
+/// `GET path` over HTTP/1.0 (no chunked bodies; the server closes the
+/// connection); returns status and body. Panics when the exchange fails or
+/// takes over 10s.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// `GET path` over HTTP/1.0, bounded by 10s.
+///
+/// # Errors
+/// Connection and I/O errors, the timeout, a response without a header end
+/// or a status.
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
             .await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
@@ -22,18 +32,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     };
     let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .unwrap_or_else(|_| panic!("GET {path} from {addr} took over 10s"))
-        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
-    let text = String::from_utf8(raw).expect("HTTP response is UTF-8");
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer within 10s"))??;
+    let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {text:?}"));
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no header end"))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_owned())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no status"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// One parsed scrape: `(name, sorted labels) → value`, plus declared types.

@@ -23,7 +23,8 @@
 //! - [`http`]: `GET` and a strict Prometheus text parser for `/metrics`.
 //! - [`latency`]: a delaying relay, a blackhole, `pg_ctl` stop/start, a fake
 //!   readiness endpoint, a switchable forwarder.
-//! - [`systemd`]: a real systemd in a throw-away container.
+//! - [`systemd`]: a real systemd in a throw-away container; [`unit`]: sqlgate
+//!   installed in it as the README says.
 //!
 //! This file holds the constants and the process helpers they share.
 //!
@@ -154,6 +155,11 @@ fn describe(result: &Result<Output, String>) -> String {
 fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
     let what = format!("{cmd:?}");
     let out = run_blocking(cmd, timeout).unwrap_or_else(|e| panic!("{e}"));
+    expect_success(&what, out)
+}
+
+/// `out`, when its command exited 0; else panics naming `what`, with its output.
+pub fn expect_success(what: &str, out: Output) -> Output {
     assert!(
         out.status.success(),
         "{what} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -297,6 +303,7 @@ mod pg;
 mod pki;
 pub mod process;
 pub mod systemd;
+pub mod unit;
 mod wait;
 mod wire_client;
 

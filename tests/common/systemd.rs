@@ -348,14 +348,7 @@ impl SystemdBox {
     /// Runs `args` in the container; panics unless it exits 0.
     pub fn run(&self, args: &[&str]) -> Output {
         let out = self.run_within(args, COMMAND_TIMEOUT);
-        assert!(
-            out.status.success(),
-            "{args:?} in the container: {}\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        super::expect_success(&format!("{args:?} in the container"), out)
     }
 
     /// Runs a shell command line in the container, whatever its exit status.
