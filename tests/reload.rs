@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -103,14 +103,12 @@ async fn sighup_that_drops_an_address_ends_its_live_session_and_keeps_the_others
             .await;
         assert!(reloaded.contains("closed_sessions=1"), "{reloaded}");
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !dropped.is_closed() {
-            assert!(
-                Instant::now() < deadline,
-                "the session from 127.0.0.2 is still open"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            Duration::from_secs(10),
+            "the session from 127.0.0.2 is still open",
+            || async { dropped.is_closed() },
+        )
+        .await;
         assert!(select_one(&dropped).await.is_err());
         select_one(&kept)
             .await
