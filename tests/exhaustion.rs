@@ -12,10 +12,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fake_node::{
-    Behaviour, Daemon, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml,
-    own_fd_count, raw_startup, simple_query,
+    Behaviour, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml, own_fd_count,
+    raw_startup, simple_query,
 };
 use common::wait_until;
+use common::{Gate, debug_gate};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -34,7 +35,7 @@ fn raise_own_limit() {
 }
 
 /// A normal client round trip through sqlgate: startup, one query; bounded.
-async fn served(gate: &Daemon) -> Duration {
+async fn served(gate: &Gate) -> Duration {
     let started = Instant::now();
     let mut s = match raw_startup(gate.addr, Duration::from_secs(10)).await {
         StartupResult::Ready(s) => s,
@@ -47,7 +48,7 @@ async fn served(gate: &Daemon) -> Duration {
 }
 
 /// Waits (bounded) until the daemon's fd count drops to `target` or below.
-async fn settle_fds(gate: &Daemon, target: usize, limit: Duration) -> usize {
+async fn settle_fds(gate: &Gate, target: usize, limit: Duration) -> usize {
     let deadline = Instant::now() + limit;
     loop {
         let now = gate.fd_count();
@@ -60,7 +61,7 @@ async fn settle_fds(gate: &Daemon, target: usize, limit: Duration) -> usize {
 
 /// Runs the warm-up session and waits (bounded) until the daemon's fd count
 /// is back where it was before it: the session's sockets are closed.
-async fn warm_up(gate: &Daemon) {
+async fn warm_up(gate: &Gate) {
     let idle = gate.fd_count();
     served(gate).await;
     wait_until(
@@ -76,7 +77,7 @@ const RSS_SLACK_KIB: u64 = 8 * 1024;
 
 /// Waits (bounded) until the daemon's RSS drops to `target` KiB or below. The
 /// allocator (jemalloc) gives freed pages back after a decay of ~10 s.
-async fn settle_rss(gate: &Daemon, target: u64, limit: Duration) -> (u64, Duration) {
+async fn settle_rss(gate: &Gate, target: u64, limit: Duration) -> (u64, Duration) {
     let started = Instant::now();
     loop {
         let now = gate.rss_kib();
@@ -87,7 +88,7 @@ async fn settle_rss(gate: &Daemon, target: u64, limit: Duration) -> (u64, Durati
     }
 }
 
-async fn start(extra: &str, nofile: Option<(u64, u64)>) -> (TestCa, FakeNode, Daemon) {
+async fn start(extra: &str, nofile: Option<(u64, u64)>) -> (TestCa, FakeNode, Gate) {
     let ca = TestCa::new("exhaustion");
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), ca.good()).await;
     let toml = config_toml(
@@ -96,7 +97,7 @@ async fn start(extra: &str, nofile: Option<(u64, u64)>) -> (TestCa, FakeNode, Da
         "5s",
         extra,
     );
-    let gate = Daemon::start(&toml, nofile).await;
+    let gate = debug_gate(&toml, nofile).await;
     (ca, node, gate)
 }
 

@@ -7,15 +7,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fake_node::{
-    Behaviour, Daemon, FakeNode, Node, PRE_TLS_SECRET, SessionEnd, StartupResult, TestCa, Validity,
+    Behaviour, FakeNode, Node, PRE_TLS_SECRET, SessionEnd, StartupResult, TestCa, Validity,
     config_toml, raw_startup, simple_query, time_to_end,
 };
+use common::{Gate, debug_gate};
 use tokio::io::AsyncWriteExt;
 
 const STEP: Duration = Duration::from_secs(15);
 
-async fn daemon(ca: &TestCa, nodes: &[Node], connect_timeout: &str) -> Daemon {
-    Daemon::start(&config_toml(&ca.ca_file, nodes, connect_timeout, ""), None).await
+async fn daemon(ca: &TestCa, nodes: &[Node], connect_timeout: &str) -> Gate {
+    debug_gate(&config_toml(&ca.ca_file, nodes, connect_timeout, ""), None).await
 }
 
 #[tokio::test]
@@ -180,7 +181,7 @@ async fn assert_certificate_refused(
     reason: &[&str],
 ) {
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), tls).await;
-    let gate = Daemon::start(
+    let gate = debug_gate(
         &config_toml(
             &trusted.ca_file,
             &[Node {

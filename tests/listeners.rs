@@ -54,7 +54,7 @@ async fn psql_reaches_cluster_through_unix_socket_that_survives_kill_9() {
         let socket = dir.path().join(format!(".s.PGSQL.{SOCKET_PORT}"));
         let config = unix_config(&pki, &node, dir.path());
 
-        let mut first = SqlgateProcess::start(&config).await;
+        let mut first = Gate::start(&config).await;
         assert_eq!(psql_over_socket(dir.path()).await, Ok(node.port()));
         let meta = std::fs::metadata(&socket).expect("socket file exists");
         assert!(meta.file_type().is_socket());
@@ -63,7 +63,7 @@ async fn psql_reaches_cluster_through_unix_socket_that_survives_kill_9() {
         // A crash leaves the socket file behind; the next run replaces it.
         first.kill_hard();
         assert!(socket.exists(), "kill -9 leaves a stale socket file");
-        let mut second = SqlgateProcess::start(&config).await;
+        let mut second = Gate::start(&config).await;
         assert_eq!(
             psql_over_socket(dir.path()).await,
             Ok(node.port()),

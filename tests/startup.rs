@@ -189,7 +189,7 @@ async fn refuses_malformed_or_slow_startup_with_08p01_and_keeps_serving() {
         let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
         let mut config = GateConfig::new(pki.ca_file(), vec![NodeEntry::localhost(node.port())]);
         config.startup_timeout = Some("2s".to_owned());
-        let mut gate = SqlgateProcess::start(&config).await;
+        let mut gate = Gate::start(&config).await;
         let addr = gate.addr;
 
         // The slow client drips while a normal client is served.
@@ -309,7 +309,7 @@ async fn direct_tls_client_hello_to_plaintext_listener_is_closed_and_logged() {
     bounded(Duration::from_secs(120), async {
         let pki = Pki::new("client-hello");
         let node = tls_node(&pki).await;
-        let gate = SqlgateProcess::start(&gate_config(&pki, &[&node])).await;
+        let gate = Gate::start(&gate_config(&pki, &[&node])).await;
 
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(pki.ca_file()).expect("read CA") {

@@ -219,7 +219,7 @@ async fn binary_logs_an_error_for_upstream_that_sends_bytes_after_agreeing_to_tl
     bounded(Duration::from_secs(60), async {
         let pki = Pki::new("main");
         let (fake, received) = start_injecting_upstream().await;
-        let gate = SqlgateProcess::start(&GateConfig::new(
+        let gate = Gate::start(&GateConfig::new(
             pki.ca_file(),
             vec![NodeEntry::localhost(fake.port())],
         ))

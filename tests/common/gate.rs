@@ -351,21 +351,26 @@ impl std::ops::DerefMut for Gate {
     }
 }
 
-/// `fault_support`'s launcher: the binary logging at `sqlgate=debug`,
-/// optionally under `prlimit`. Derefs to [`Gate`].
+/// The binary with `toml`, logging at `sqlgate=debug` (what the fault tests
+/// read), under `prlimit --nofile=soft:hard` when `nofile` is
+/// `Some((soft, hard))`.
+pub async fn debug_gate(toml: &str, nofile: Option<(u64, u64)>) -> Gate {
+    Gate::builder(toml)
+        .log("sqlgate=debug")
+        .nofile_opt(nofile)
+        .binary()
+        .await
+}
+
+/// `fault_support`'s launcher, kept for files written against it: a
+/// [`debug_gate`]. Derefs to [`Gate`].
 pub struct Daemon(pub Gate);
 
 impl Daemon {
     /// Starts the binary with `toml`; `nofile` = Some((soft, hard)) runs it
     /// under `prlimit --nofile=soft:hard`. Waits up to 20s for `listening`.
     pub async fn start(toml: &str, nofile: Option<(u64, u64)>) -> Daemon {
-        Daemon(
-            Gate::builder(toml)
-                .log("sqlgate=debug")
-                .nofile_opt(nofile)
-                .binary()
-                .await,
-        )
+        Daemon(debug_gate(toml, nofile).await)
     }
 }
 
