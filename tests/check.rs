@@ -4,37 +4,23 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
 // sqlgate check -------------------------------------------------------------------
 
-/// A self-signed CA certificate valid until `days` from now, as PEM.
-fn ca_expiring_in(days: u64) -> String {
-    let end = std::time::SystemTime::now() + Duration::from_secs(days * 86_400);
-    let stamp = humantime::format_rfc3339_seconds(end).to_string();
-    let (y, m, d) = (
-        stamp[0..4].parse().expect("year"),
-        stamp[5..7].parse().expect("month"),
-        stamp[8..10].parse().expect("day"),
-    );
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(y, m, d);
-    let key = rcgen::KeyPair::generate().expect("key");
-    params.self_signed(&key).expect("self-sign").pem()
+/// The file of a CA certificate valid until `days` from now (and its PKI, to keep it).
+fn ca_expiring_in(days: u64) -> Pki {
+    Pki::with_ca_validity("check-expiry", Validity::EndsInDays(days))
 }
 
-fn check_warnings(ca_pem: &str) -> Vec<String> {
+fn check_warnings(pki: &Pki) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = dir.path().join("ca.crt");
-    std::fs::write(&ca, ca_pem).expect("write CA");
+    let ca = pki.ca_file();
     let config = dir.path().join("sqlgate.toml");
     std::fs::write(
         &config,
-        GateConfig::new(&ca, vec![NodeEntry::localhost(5432)]).to_toml(),
+        GateConfig::new(ca, vec![NodeEntry::localhost(5432)]).to_toml(),
     )
     .expect("write config");
     let out = Command::new(SQLGATE)

@@ -20,6 +20,8 @@ pub enum Validity {
     Expired,
     /// 2090-01-01 to 2099-01-01.
     NotYetValid,
+    /// 2020-01-01 to this many days from now (for expiry warnings).
+    EndsInDays(u64),
 }
 
 /// PEM files of one certificate and its private key.
@@ -44,6 +46,11 @@ pub struct Pki {
 impl Pki {
     /// A new CA named `name` (its subject CN is `sqlgate test CA <name>`), written to `ca.crt`.
     pub fn new(name: &str) -> Pki {
+        Pki::with_ca_validity(name, Validity::Current)
+    }
+
+    /// Like [`Pki::new`], with the CA certificate itself valid for `validity`.
+    pub fn with_ca_validity(name: &str, validity: Validity) -> Pki {
         let dir = temp_dir("sqlgate-pki-");
         set_mode(dir.path(), 0o755);
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
@@ -54,7 +61,7 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        set_validity(&mut params, Validity::Current);
+        set_validity(&mut params, validity);
         let key = KeyPair::generate().expect("generate CA key");
         let ca = CertifiedIssuer::self_signed(params, key).expect("self-sign CA");
         let ca_file = dir.path().join("ca.crt");
@@ -162,6 +169,7 @@ pub(crate) fn set_validity(params: &mut CertificateParams, validity: Validity) {
         Validity::Current => ((2020, 1, 1), (2080, 1, 1)),
         Validity::Expired => ((2000, 1, 1), (2001, 1, 1)),
         Validity::NotYetValid => ((2090, 1, 1), (2099, 1, 1)),
+        Validity::EndsInDays(days) => ((2020, 1, 1), date_in_days(days)),
     };
     params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
     params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
@@ -170,4 +178,15 @@ pub(crate) fn set_validity(params: &mut CertificateParams, validity: Validity) {
 pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) {
     fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     set_mode(path, mode);
+}
+
+/// The UTC date `days` from now, as (year, month, day).
+fn date_in_days(days: u64) -> (i32, u8, u8) {
+    let end = std::time::SystemTime::now() + Duration::from_secs(days * 86_400);
+    let stamp = humantime::format_rfc3339_seconds(end).to_string();
+    (
+        stamp[0..4].parse().expect("year"),
+        stamp[5..7].parse().expect("month"),
+        stamp[8..10].parse().expect("day"),
+    )
 }
