@@ -11,26 +11,11 @@ use std::time::{Duration, Instant};
 use common::http::parse_prometheus;
 use common::*;
 use rustls::pki_types::ServerName;
-use rustls::pki_types::pem::PemObject as _;
-use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// A TLS handshake to `server` over an in-memory pipe, as a client that
-/// trusts `ca_file` and expects the name `localhost`.
-async fn handshake(
-    server: Arc<rustls::ServerConfig>,
-    ca_file: &std::path::Path,
-) -> Result<(), String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).expect("read CA") {
-        roots.add(cert.expect("CA PEM")).expect("add CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+/// trusts `pki`'s CA and expects the name `localhost`.
+async fn handshake(server: Arc<rustls::ServerConfig>, pki: &Pki) -> Result<(), String> {
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let accept = tokio::spawn(async move {
         let mut tls = tokio_rustls::TlsAcceptor::from(server)
@@ -40,7 +25,7 @@ async fn handshake(
         tls.read_exact(&mut byte).await?;
         std::io::Result::Ok(())
     });
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config());
     let name = ServerName::try_from("localhost").expect("server name");
     let result = match connector.connect(name, client_io).await {
         Ok(mut tls) => tls.write_all(b"x").await.map_err(|e| e.to_string()),
@@ -54,7 +39,7 @@ async fn handshake(
 async fn pki_issues_a_good_certificate_and_broken_ones_that_fail_verification() {
     let pki = Pki::new("harness");
     let other = TestCa::new("harness-other");
-    handshake(pki.good(), pki.ca_file())
+    handshake(pki.good(), &pki)
         .await
         .expect("the good certificate verifies");
     let broken = [
@@ -76,7 +61,7 @@ async fn pki_issues_a_good_certificate_and_broken_ones_that_fail_verification() 
         ),
     ];
     for (what, server) in broken {
-        let outcome = handshake(server, &pki.ca_file).await;
+        let outcome = handshake(server, &pki).await;
         assert!(outcome.is_err(), "{what}: the handshake must fail");
     }
 }

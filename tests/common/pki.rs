@@ -133,6 +133,21 @@ impl Pki {
         self.server_config("localhost", &["localhost", "127.0.0.1"], Validity::Current)
     }
 
+    /// A rustls client config that trusts this CA only (no client certificate).
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca.der().to_vec()))
+            .expect("add the CA");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
     /// A server certificate (subject CN `cn`, SANs `sans`) signed by this CA, and its key.
     fn sign_server(
         &self,
