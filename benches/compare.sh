@@ -469,3 +469,6 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
     echo "finished in $(($(date +%s) - START)) s"
 } | tee "$WORK/table.txt"
 cp "$WORK/table.txt" "${TMPDIR:-/tmp}/sqlgate-bench-last.txt" 2>/dev/null || true
+
+# Rolling restart (three nodes of its own): failed new connections per route.
+"$REPO/benches/rolling_restart.sh" --sqlgate "$SQLGATE_BIN" || log "rolling_restart.sh failed"

@@ -58,6 +58,10 @@ python3 -c 'import psycopg' 2>/dev/null || python3 -m pip --version >/dev/null 2
 need systemd-analyze systemd
 need systemd-nspawn systemd-container
 need prometheus prometheus # Debian's, with promtool
+need /usr/sbin/nginx nginx   # tests/console.rs: the DB Console stand-in
+need /usr/bin/chromium chromium # tests/console.rs: headless browser
+need ip iproute2            # tests/client_tls.rs, tests/console.rs: network namespaces
+need curl curl
 need promtool prometheus
 need ip iproute2
 need nginx nginx

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::allowlist::Allowlist;
 use crate::cancel::CancelTable;
 use crate::config::{Config, ConfigError, Endpoint};
+use crate::console::{Console, ConsoleState};
 use crate::listener::{self, Bound, ConnectionLimit, ListenerState, LiveSessions, Shared};
 use crate::metrics::{self as m, Exporter, MetricsError, NotReady, Readiness, ReloadOutcome};
 use crate::routing::{Prober, Router};
@@ -88,6 +89,8 @@ pub struct Daemon {
     /// open after this process exits.
     inherited: bool,
     exporter: Option<Exporter>,
+    /// `[[console]]` listeners, bound.
+    consoles: Vec<Console>,
     reloads: (mpsc::Sender<ReloadRequest>, mpsc::Receiver<ReloadRequest>),
     lifecycle: Lifecycle,
 }
@@ -130,11 +133,24 @@ impl Daemon {
             }
             None => None,
         };
+        let mut consoles = Vec::with_capacity(config.consoles.len());
+        for c in &config.consoles {
+            let console =
+                Console::bind(c, &config.upstream)
+                    .await
+                    .map_err(|source| DaemonError::Bind {
+                        endpoint: format!("console {}", c.addr),
+                        source,
+                    })?;
+            tracing::info!(console = %console.state().local, port = c.port, "DB Console listening (plain HTTP; verified HTTPS to the nodes)");
+            consoles.push(console);
+        }
         Ok(Daemon {
             config: Arc::new(config),
             listeners,
             inherited: adopted,
             exporter,
+            consoles,
             reloads: mpsc::channel(1),
             lifecycle: Lifecycle::new(),
         })
@@ -146,6 +162,11 @@ impl Daemon {
             .iter()
             .filter_map(|(b, _)| b.local_addr())
             .collect()
+    }
+
+    /// The addresses the `[[console]]` listeners are bound to.
+    pub fn console_addrs(&self) -> Vec<SocketAddr> {
+        self.consoles.iter().map(|c| c.state().local).collect()
     }
 
     /// The address of the metrics endpoint, when `[metrics]` is configured.
@@ -186,6 +207,7 @@ impl Daemon {
             listeners,
             inherited,
             exporter,
+            consoles,
             reloads: (_keep_open, mut reload_requests),
             lifecycle,
         } = self;
@@ -207,15 +229,25 @@ impl Daemon {
                 &initial.health,
             )),
             cancels: Arc::new(CancelTable::new()),
+            pool: crate::pool::Pool::new(),
             lifecycle: lifecycle.clone(),
             sessions: sessions.clone(),
             limit: Arc::clone(&limit),
             live: Arc::clone(&live),
             listeners: listeners.iter().map(|(_, l)| Arc::clone(l)).collect(),
+            consoles: consoles.iter().map(Console::state).collect(),
             serving: AtomicBool::new(false),
             prober: std::sync::Mutex::new(None),
         });
         state.restart_prober(&initial);
+        // Pooled server sessions: reaped while serving, closed at the drain.
+        let pool_config = Arc::clone(&state);
+        tokio::spawn(Arc::clone(&state.pool).run(
+            Arc::clone(&state.router),
+            move || pool_config.config.load_full(),
+            phase.clone(),
+        ));
+        m::client_cert_expiry(initial.upstream.identities.soonest_expiry());
         let workers =
             Arc::new(Workers::start(initial.limits.workers).map_err(DaemonError::Workers)?);
         tracing::debug!(workers = workers.len(), "session workers started");
@@ -242,6 +274,12 @@ impl Daemon {
                     () = draining.wait_for(Phase::Draining), if inherited => {}
                 }
             }));
+        }
+        let mut console_loops = Vec::with_capacity(consoles.len());
+        for console in consoles {
+            console_loops.push(tokio::spawn(
+                console.serve(Arc::clone(&state.router), phase.clone()),
+            ));
         }
         state.serving.store(true, Ordering::Release);
 
@@ -297,6 +335,9 @@ impl Daemon {
         for l in loops {
             let _ = l.await;
         }
+        for c in console_loops {
+            let _ = c.await;
+        }
         drop(shared);
         // Joining the worker threads blocks (briefly: their sessions are gone).
         if let Some(workers) = Arc::into_inner(workers) {
@@ -339,11 +380,10 @@ async fn bind_configured(config: &Config) -> Result<Vec<(Bound, Arc<ListenerStat
             Endpoint::Tcp(_) => Some(l.allow.clone()),
             Endpoint::Unix { .. } => None,
         };
-        tracing::info!(listener = %name, addr = %name, "listening");
-        out.push((
-            b,
-            Arc::new(ListenerState::new(name, l.endpoint.clone(), allow)),
-        ));
+        tracing::info!(listener = %name, addr = %name, tls = l.tls.is_some(), "listening");
+        let state = ListenerState::new(name, l.endpoint.clone(), allow);
+        state.set_tls(l.tls.as_ref().map(|t| Arc::clone(&t.config)));
+        out.push((b, Arc::new(state)));
     }
     Ok(out)
 }
@@ -384,7 +424,13 @@ fn adopt_inherited(
         };
         let name: Arc<str> = endpoint.to_string().into();
         tracing::info!(listener = %name, addr = %name, fd_name = fd_name.as_deref().unwrap_or(""), "listening (inherited from systemd)");
-        out.push((bound, Arc::new(ListenerState::new(name, endpoint, allow))));
+        let state = ListenerState::new(name, endpoint, allow);
+        state.set_tls(
+            configured
+                .and_then(|l| l.tls.as_ref())
+                .map(|t| Arc::clone(&t.config)),
+        );
+        out.push((bound, Arc::new(state)));
     }
     Ok(out)
 }
@@ -403,6 +449,7 @@ struct State {
     config: ArcSwap<Config>,
     router: Arc<Router>,
     cancels: Arc<CancelTable>,
+    pool: Arc<crate::pool::Pool>,
     lifecycle: Lifecycle,
     /// The lifecycle sessions watch: `lifecycle` itself, or one without the
     /// draining phase on sockets inherited from systemd (see [`Daemon::run`]).
@@ -410,6 +457,7 @@ struct State {
     limit: Arc<ConnectionLimit>,
     live: Arc<LiveSessions>,
     listeners: Vec<Arc<ListenerState>>,
+    consoles: Vec<Arc<ConsoleState>>,
     /// Set once the accept loops run.
     serving: AtomicBool,
     /// Health probes for the node table in force; replaced on reload. The lock is
@@ -437,15 +485,24 @@ impl State {
         listener: &ListenerState,
         kill: CancellationToken,
     ) -> SessionContext {
+        let config = self.config.load_full();
         SessionContext {
             id,
-            config: self.config.load_full(),
+            config: Arc::clone(&config),
             listener: Arc::clone(&listener.name),
             allow: listener.allow(),
+            peer_users: config
+                .listeners
+                .iter()
+                .find(|l| same_endpoint(&l.endpoint, &listener.endpoint))
+                .and_then(|l| l.peer_users.clone()),
+            peer_uid: None,
             router: Arc::clone(&self.router),
             cancels: Arc::clone(&self.cancels),
+            pool: Arc::clone(&self.pool),
             kill,
             lifecycle: self.sessions.watch(),
+            tls: listener.tls(),
         }
     }
 
@@ -506,11 +563,22 @@ impl State {
                 .iter()
                 .find(|l| same_endpoint(&l.endpoint, &listener.endpoint))
             {
-                Some(l) => listener.set_allow(l.allow.clone()),
+                Some(l) => {
+                    listener.set_allow(l.allow.clone());
+                    listener.set_tls(l.tls.as_ref().map(|t| Arc::clone(&t.config)));
+                }
                 None => tracing::warn!(
                     listener = %listener.name,
                     "listener is no longer in the config; it keeps serving until a restart"
                 ),
+            }
+        }
+        for console in &self.consoles {
+            match new.consoles.iter().find(|c| c.addr == console.configured) {
+                Some(c) => console.update(c, &new.upstream),
+                None => {
+                    tracing::warn!(console = %console.local, "console is no longer in the config; it keeps serving until a restart")
+                }
             }
         }
         for l in &new.listeners {
@@ -542,6 +610,7 @@ impl State {
             tracing::warn!("a changed limits.workers takes effect after a restart");
         }
         self.limit.set_max(new.limits.max_connections);
+        m::client_cert_expiry(new.upstream.identities.soonest_expiry());
         self.config.store(Arc::new(new));
         let closed = self.live.close_unpermitted();
         tracing::info!(

@@ -21,14 +21,18 @@
 //! - [`session`]: one client session, start to finish, in the order above.
 //! - [`pgwire`]: startup-phase codec (client packets, server messages, errors).
 //! - [`upstream`]: dialing a node: TCP, TLS negotiation, verified handshake.
-//! - [`tls`]: the rustls client configuration, built once.
+//! - [`tls`]: the rustls client configurations, built once: shared, and per user (`certs_dir`).
+//! - [`peer`]: which OS users may start sessions as which SQL users (`peer_users`).
 //! - [`routing`]: node table snapshots, health probes, region-nearest selection.
 //! - [`nodes`]: `sqlgate nodes`: probe every node once and print the table.
 //! - [`cancel`]: cancel key table and forwarding.
 //! - [`auth`]: pooling's auth: `auth_file`, SCRAM server (clients) and client (nodes).
+//! - [`pool`]: session pooling's server sessions per node: checkout, release, reaping.
 //! - [`relay`]: the bidirectional byte copy.
 //! - [`metrics`]: metric names and label values; `/metrics`, `/healthz`, `/readyz`.
 //! - [`init`]: `sqlgate init`: a config from a cluster's connection string.
+//! - [`console`]: `[[console]]`: the DB Console over plain HTTP here, verified HTTPS to a ready node.
+//! - [`tls_server`]: TLS towards clients on `[[listen]]` entries with `tls_cert_file`.
 //! - [`daemon`]: binds listeners, owns shared state, reloads, drains on shutdown.
 //! - [`shutdown`]: signals → drain (SIGTERM/SIGINT) and reload (SIGHUP).
 //! - [`systemd`]: sd_notify, watchdog, socket activation; no-ops without systemd.
@@ -41,19 +45,23 @@ pub mod auth;
 pub mod cancel;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod init;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod nodes;
+pub mod peer;
 pub mod pgwire;
+pub mod pool;
 pub mod relay;
 pub mod routing;
 pub mod session;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;
+pub mod tls_server;
 pub mod upstream;
 pub mod workers;
 

@@ -92,6 +92,8 @@ pub struct ListenerState {
     pub endpoint: Endpoint,
     /// `None` for unix sockets, where file permissions decide.
     allow: ArcSwapOption<Allowlist>,
+    /// TLS towards clients (`tls_cert_file`), swapped on reload.
+    tls: ArcSwapOption<rustls::ServerConfig>,
 }
 
 impl ListenerState {
@@ -100,7 +102,18 @@ impl ListenerState {
             name,
             endpoint,
             allow: ArcSwapOption::new(allow.map(Arc::new)),
+            tls: ArcSwapOption::empty(),
         }
+    }
+
+    /// The TLS server config in force, if this listener serves TLS.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.load_full()
+    }
+
+    /// Puts a (re)loaded TLS config in force for new sessions.
+    pub fn set_tls(&self, tls: Option<Arc<rustls::ServerConfig>>) {
+        self.tls.store(tls);
     }
 
     /// The allowlist in force, shared (not copied) with the sessions.
@@ -363,9 +376,9 @@ pub async fn accept_loop(
             accepted = accept(&bound) => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((stream, peer, uid)) => {
                 backoff = Duration::from_millis(5);
-                spawn_session(&shared, &listener, stream, peer);
+                spawn_session(&shared, &listener, stream, peer, uid);
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed; backing off for {backoff:?}");
@@ -400,18 +413,27 @@ impl Accepted {
     }
 }
 
-async fn accept(bound: &Bound) -> io::Result<(Accepted, Option<SocketAddr>)> {
+/// Accepts one client: its socket, its address (TCP) or its uid (Unix
+/// sockets, SO_PEERCRED: who the connecting process runs as).
+async fn accept(bound: &Bound) -> io::Result<(Accepted, Option<SocketAddr>, Option<u32>)> {
     match bound {
         Bound::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY on client socket");
             }
-            Ok((Accepted::Tcp(stream.into_std()?), Some(peer)))
+            Ok((Accepted::Tcp(stream.into_std()?), Some(peer), None))
         }
         Bound::Unix(l) => {
             let (stream, _) = l.accept().await?;
-            Ok((Accepted::Unix(stream.into_std()?), None))
+            let uid = match stream.peer_cred() {
+                Ok(cred) => Some(cred.uid()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the peer credentials of a Unix-socket client");
+                    None
+                }
+            };
+            Ok((Accepted::Unix(stream.into_std()?), None, uid))
         }
     }
 }
@@ -421,6 +443,7 @@ fn spawn_session(
     listener: &Arc<ListenerState>,
     stream: Accepted,
     peer: Option<SocketAddr>,
+    uid: Option<u32>,
 ) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let name = &listener.name;
@@ -433,7 +456,8 @@ fn spawn_session(
                     .register(id, Arc::clone(listener), peer.map(|p| p.ip()), kill.clone());
             // Built after registering, so a reload in between either is seen
             // in the context or finds this session in the live table.
-            let ctx = (shared.context)(id, listener, kill);
+            let mut ctx = (shared.context)(id, listener, kill);
+            ctx.peer_uid = uid;
             let (worker, share) = shared.workers.assign();
             worker.spawn(shared.tracker.track_future(async move {
                 match stream.register() {

@@ -46,9 +46,144 @@ pub const CONFIG_RELOADS_TOTAL: &str = "sqlgate_config_reloads_total";
 /// `node`.
 pub const UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
     "sqlgate_upstream_cert_expiry_timestamp_seconds";
+/// No labels: the soonest notAfter among `upstream.certs_dir` client
+/// certificates (Unix time). Absent without `certs_dir` certificates.
+pub const CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "sqlgate_client_cert_expiry_timestamp_seconds";
 /// `node`, `reason`: a node refused a session before authentication and the
 /// session moved on to the next candidate.
 pub const STARTUP_RETRIES_TOTAL: &str = "sqlgate_startup_retries_total";
+/// `node`, `state` (idle, active): pooled server sessions.
+pub const POOL_SERVER_SESSIONS: &str = "sqlgate_pool_server_sessions";
+/// `outcome` (reused, opened, timeout).
+pub const POOL_CHECKOUTS_TOTAL: &str = "sqlgate_pool_checkouts_total";
+/// How long checkouts waited for a server session.
+pub const POOL_WAIT_SECONDS: &str = "sqlgate_pool_wait_seconds";
+
+/// `outcome` of `sqlgate_pool_checkouts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolCheckout {
+    Reused,
+    Opened,
+    Timeout,
+}
+
+impl PoolCheckout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolCheckout::Reused => "reused",
+            PoolCheckout::Opened => "opened",
+            PoolCheckout::Timeout => "timeout",
+        }
+    }
+}
+
+/// Counts one checkout and its wait.
+pub fn pool_checkout(outcome: PoolCheckout, waited: std::time::Duration) {
+    metrics::counter!(POOL_CHECKOUTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    metrics::histogram!(POOL_WAIT_SECONDS).record(waited.as_secs_f64());
+}
+
+/// Sets a node's pooled server session gauges.
+pub fn pool_sessions(node: &str, idle: usize, active: usize) {
+    metrics::gauge!(POOL_SERVER_SESSIONS, "node" => node.to_owned(), "state" => "idle")
+        .set(idle as f64);
+    metrics::gauge!(POOL_SERVER_SESSIONS, "node" => node.to_owned(), "state" => "active")
+        .set(active as f64);
+}
+
+/// `ended_by`, `outcome`: who ended each session that reached a node, and how.
+pub const SESSION_ENDS_TOTAL: &str = "sqlgate_session_ends_total";
+
+/// Who ended a session (`ended_by` of `sqlgate_session_ends_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    Client,
+    Upstream,
+    /// sqlgate itself: drain grace over, allowlist changed.
+    Sqlgate,
+}
+
+/// How a session ended (`outcome` of `sqlgate_session_ends_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndOutcome {
+    /// A close: Terminate, EOF, or the server's own FATAL.
+    Closed,
+    /// A reset, broken pipe, TLS alert or protocol error.
+    Error,
+    /// A timeout: TCP_USER_TIMEOUT, the startup deadline.
+    Timeout,
+    /// Cut by sqlgate.
+    Killed,
+}
+
+/// The one vocabulary for a session's end: the summary line and the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub ended_by: EndedBy,
+    pub outcome: EndOutcome,
+}
+
+impl EndedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Client => "client",
+            EndedBy::Upstream => "upstream",
+            EndedBy::Sqlgate => "sqlgate",
+        }
+    }
+}
+
+impl EndOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndOutcome::Closed => "closed",
+            EndOutcome::Error => "error",
+            EndOutcome::Timeout => "timeout",
+            EndOutcome::Killed => "killed",
+        }
+    }
+}
+
+impl SessionEnd {
+    /// Counts it in `sqlgate_session_ends_total`.
+    pub fn record(self) {
+        metrics::counter!(SESSION_ENDS_TOTAL, "ended_by" => self.ended_by.as_str(), "outcome" => self.outcome.as_str())
+            .increment(1);
+    }
+}
+
+/// `outcome`: DB Console requests through a `[[console]]` listener.
+pub const CONSOLE_REQUESTS_TOTAL: &str = "sqlgate_console_requests_total";
+
+/// `outcome` of `sqlgate_console_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleOutcome {
+    /// Answered by a ready node.
+    Forwarded,
+    /// The client address is not in the console's allowlist (403).
+    Denied,
+    /// No node is up and ready (503).
+    NoNode,
+    /// The node could not be reached or broke the exchange (502).
+    Error,
+}
+
+impl ConsoleOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleOutcome::Forwarded => "forwarded",
+            ConsoleOutcome::Denied => "denied",
+            ConsoleOutcome::NoNode => "no_node",
+            ConsoleOutcome::Error => "error",
+        }
+    }
+}
+
+/// Counts one console request's outcome.
+pub fn console_request(outcome: ConsoleOutcome) {
+    metrics::counter!(CONSOLE_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
 
 /// `direction` of `sqlgate_bytes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +311,17 @@ pub fn config_reload(outcome: ReloadOutcome) {
     metrics::counter!(CONFIG_RELOADS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }
 
+/// Sets `sqlgate_client_cert_expiry_timestamp_seconds` to the soonest expiry
+/// of the client certificates in force (left as it was when there are none).
+pub fn client_cert_expiry(soonest: Option<std::time::SystemTime>) {
+    if let Some(at) = soonest {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS).set(secs);
+    }
+}
+
 /// Histogram buckets of `sqlgate_session_duration_seconds`: sessions last from
 /// milliseconds (a health check) to hours (a pool's connection).
 const SESSION_DURATION_BUCKETS: &[f64] = &[
@@ -265,11 +411,30 @@ fn describe() {
         "Sessions relayed to the node right now."
     );
     describe_counter!(CANCEL_REQUESTS_TOTAL, "Cancel requests, by outcome.");
+    describe_gauge!(
+        CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When the soonest-expiring certs_dir client certificate expires (Unix time)."
+    );
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads (SIGHUP), by outcome.");
+    describe_gauge!(
+        POOL_SERVER_SESSIONS,
+        "Pooled server sessions per node, idle or active."
+    );
+    describe_counter!(POOL_CHECKOUTS_TOTAL, "Pool checkouts, by outcome.");
+    describe_histogram!(
+        POOL_WAIT_SECONDS,
+        Unit::Seconds,
+        "How long a checkout waited for a server session."
+    );
     describe_gauge!(
         UPSTREAM_CERT_EXPIRY_TIMESTAMP_SECONDS,
         Unit::Seconds,
         "When the node's certificate expires (Unix time)."
+    );
+    describe_counter!(
+        SESSION_ENDS_TOTAL,
+        "Sessions that reached a node, by who ended them (client, upstream, sqlgate) and how."
     );
     describe_counter!(
         STARTUP_RETRIES_TOTAL,

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::config::{Config, NodeConfig};
 use crate::routing::probe::{self, ProbeError, ProbeOk, ProbeSettings};
@@ -14,7 +14,7 @@ use crate::upstream::UpstreamError;
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
 /// Certificates expiring sooner than this are flagged.
-const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+use crate::tls::EXPIRY_WARNING;
 
 /// One node's probe result.
 #[derive(Debug)]
@@ -105,13 +105,23 @@ pub async fn probe_all(config: &Config) -> Vec<NodeReport> {
 
 /// The table `sqlgate nodes` prints, with a closing summary.
 pub fn render(reports: &[NodeReport], now: SystemTime) -> String {
-    let header = ["NODE", "REGION", "ADDRESS", "RTT", "CERT EXPIRES", "TLS"];
-    let rows: Vec<[String; 6]> = reports
+    let header = [
+        "NODE",
+        "REGION",
+        "ADDRESS",
+        "RTT",
+        "HANDSHAKE",
+        "CERT EXPIRES",
+        "TLS",
+    ];
+    let rows: Vec<[String; 7]> = reports
         .iter()
         .map(|r| {
-            let (rtt, expiry, tls) = match &r.result {
+            let ms = |d: std::time::Duration| format!("{:.1}ms", d.as_secs_f64() * 1000.0);
+            let (rtt, handshake, expiry, tls) = match &r.result {
                 Ok(ok) => (
-                    format!("{:.1}ms", ok.rtt.as_secs_f64() * 1000.0),
+                    ms(ok.rtt),
+                    ms(ok.handshake),
                     ok.cert_expiry
                         .map_or_else(|| "-".to_owned(), |t| describe_expiry(t, now)),
                     format!(
@@ -125,6 +135,7 @@ pub fn render(reports: &[NodeReport], now: SystemTime) -> String {
                 Err(_) => (
                     "-".to_owned(),
                     "-".to_owned(),
+                    "-".to_owned(),
                     format!("FAILED: {}", r.advice.as_deref().unwrap_or("unknown error")),
                 ),
             };
@@ -133,6 +144,7 @@ pub fn render(reports: &[NodeReport], now: SystemTime) -> String {
                 r.node.region.clone(),
                 address(&r.node, &r.result),
                 rtt,
+                handshake,
                 expiry,
                 tls,
             ]
@@ -216,7 +228,7 @@ fn describe_expiry(expiry: SystemTime, now: SystemTime) -> String {
 mod tests {
     use super::*;
     use crate::config::NodeId;
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn node(port: u16, region: &str) -> NodeConfig {
         NodeConfig {
@@ -237,6 +249,7 @@ mod tests {
                 result: Ok(ProbeOk {
                     addr: "127.0.0.1:5432".parse().expect("addr"),
                     rtt: Duration::from_micros(2500),
+                    handshake: Duration::from_micros(7400),
                     tls_version: Some("TLSv1_3"),
                     cert_expiry: Some(now + Duration::from_secs(5 * 86_400)),
                     readiness_status: None,
@@ -255,7 +268,9 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NODE"), "{text}");
         assert!(
-            lines[1].contains("localhost:5432") && lines[1].contains("2.5ms"),
+            lines[1].contains("localhost:5432")
+                && lines[1].contains("2.5ms")
+                && lines[1].contains("7.4ms"),
             "{text}"
         );
         assert!(

@@ -30,6 +30,69 @@ pub const READ_SIZE: usize = 16 * 1024;
 /// deliver what is in flight and close too.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// One end of a relayed session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// An I/O error of the relay, with the side whose socket failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{} connection failed: {source}", side.as_str())]
+pub struct RelayError {
+    pub side: Side,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Tags an I/O error with the side whose socket it came from.
+fn on(side: Side) -> impl FnOnce(io::Error) -> RelayError {
+    move |source| RelayError { side, source }
+}
+
+/// Sees what the relay forwards (session pooling's boundary tracking). The
+/// plain relay uses [`NoObserver`], which compiles to nothing.
+pub trait Observer {
+    /// Client bytes about to go to the upstream: returns how many of them to
+    /// forward. Fewer than `data.len()` ends the client's direction there
+    /// (the rest is dropped), as if the client had closed.
+    fn client_bytes(&mut self, data: &[u8]) -> usize {
+        data.len()
+    }
+    /// Upstream bytes the client took.
+    fn upstream_bytes(&mut self, _data: &[u8]) {}
+    /// Whether the upstream's write half is shut down when the client's
+    /// direction ends. `false` keeps the server session open (pooling); the
+    /// relay then ends as soon as the client's direction does.
+    const CLOSES_UPSTREAM: bool = true;
+}
+
+/// The plain relay's observer: forwards everything, closes the upstream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}
+
+impl<O: Observer + ?Sized> Observer for &mut O {
+    fn client_bytes(&mut self, data: &[u8]) -> usize {
+        (**self).client_bytes(data)
+    }
+    fn upstream_bytes(&mut self, data: &[u8]) {
+        (**self).upstream_bytes(data);
+    }
+    const CLOSES_UPSTREAM: bool = O::CLOSES_UPSTREAM;
+}
+
 /// Bytes moved each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -49,31 +112,55 @@ where
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut moved = Transferred::default();
-    relay_counted(client, upstream, &mut moved).await?;
+    relay_counted(client, upstream, &mut moved)
+        .await
+        .map_err(|e| e.source)?;
     Ok(moved)
 }
 
 /// [`relay`], keeping the byte counts in `moved` as it goes, so that they are
 /// known even when the relay fails or its future is dropped (a session cut by
-/// sqlgate).
+/// sqlgate). Returns the side that closed first.
 ///
 /// # Errors
-/// The first I/O error on either side (reset, broken pipe, TLS error).
+/// The first I/O error on either side (reset, broken pipe, TLS error, a
+/// TCP_USER_TIMEOUT), with the side whose socket failed.
 pub async fn relay_counted<C, U>(
     client: &mut C,
     upstream: &mut U,
     moved: &mut Transferred,
-) -> io::Result<()>
+) -> Result<Side, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
 {
+    relay_observed(client, upstream, moved, &mut NoObserver).await
+}
+
+/// [`relay_counted`], showing every forwarded chunk to `observer` (see
+/// [`Observer`]). With `O::CLOSES_UPSTREAM == false` the relay ends when the
+/// client's direction does, leaving the upstream open and unshut. Returns
+/// the side that closed first.
+///
+/// # Errors
+/// The first I/O error on either side, with the side whose socket failed.
+pub async fn relay_observed<C, U, O>(
+    client: &mut C,
+    upstream: &mut U,
+    moved: &mut Transferred,
+    observer: &mut O,
+) -> Result<Side, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
+    O: Observer,
+{
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
     // Polls both directions once, records the counts, and says which have ended.
-    let mut step = |cx: &mut Context<'_>| -> io::Result<(bool, bool)> {
-        let up = to_upstream.poll(cx, &mut *client, &mut *upstream);
-        let down = to_client.poll(cx, &mut *upstream, &mut *client);
+    let mut step = |cx: &mut Context<'_>| -> Result<(bool, bool), RelayError> {
+        let up = to_upstream.poll(cx, &mut *client, &mut *upstream, &mut *observer);
+        let down = to_client.poll(cx, &mut *upstream, &mut *client, &mut *observer);
         *moved = Transferred {
             to_upstream: to_upstream.state.moved,
             to_client: to_client.state.moved,
@@ -82,11 +169,20 @@ where
     };
 
     // Until one direction has ended (EOF read and the peer's write half shut).
-    poll_fn(|cx| match step(cx) {
+    let (client_done, _) = poll_fn(|cx| match step(cx) {
         Ok((false, false)) => Poll::Pending,
-        other => Poll::Ready(other.map(drop)),
+        other => Poll::Ready(other),
     })
     .await?;
+    let first = if client_done {
+        Side::Client
+    } else {
+        Side::Upstream
+    };
+    if client_done && !O::CLOSES_UPSTREAM {
+        // The server session stays open: nothing to wait for.
+        return Ok(first);
+    }
 
     // Then, briefly, for the other one.
     let rest = poll_fn(|cx| match step(cx) {
@@ -97,7 +193,7 @@ where
     if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, rest).await {
         ended?;
     }
-    Ok(())
+    Ok(first)
 }
 
 /// What both directions track.
@@ -185,15 +281,17 @@ struct FromClient {
 }
 
 impl FromClient {
-    fn poll<R, W>(
+    fn poll<R, W, O>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<io::Result<()>>
+        observer: &mut O,
+    ) -> Poll<Result<(), RelayError>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
+        O: Observer,
     {
         if self.state.done {
             return Poll::Ready(Ok(()));
@@ -205,7 +303,7 @@ impl FromClient {
                     .state
                     .poll_write(cx, writer, &self.pending[self.written..])
                 {
-                    Poll::Ready(r) => r?,
+                    Poll::Ready(r) => r.map_err(on(Side::Upstream))?,
                     Poll::Pending => return Poll::Pending,
                 };
                 self.written += n;
@@ -216,24 +314,44 @@ impl FromClient {
                 self.written = 0;
             }
             if self.state.read_eof {
-                return self.state.poll_finish(cx, writer);
+                if !O::CLOSES_UPSTREAM {
+                    // Flush, but keep the upstream open for the next client.
+                    if self.state.needs_flush {
+                        std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))
+                            .map_err(on(Side::Upstream))?;
+                        self.state.needs_flush = false;
+                    }
+                    self.state.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                return self
+                    .state
+                    .poll_finish(cx, writer)
+                    .map_err(on(Side::Upstream));
             }
 
             let mut buf = ReadBuf::uninit(&mut stack);
             match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return self.state.poll_idle(cx, writer),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Client)(e))),
+                Poll::Pending => {
+                    return self.state.poll_idle(cx, writer).map_err(on(Side::Upstream));
+                }
             }
-            let data = buf.filled();
+            let mut data = buf.filled();
             if data.is_empty() {
                 self.state.read_eof = true;
                 continue;
             }
+            let keep = observer.client_bytes(data);
+            if keep < data.len() {
+                data = &data[..keep];
+                self.state.read_eof = true;
+            }
             let mut written = 0;
             while written < data.len() {
                 match self.state.poll_write(cx, writer, &data[written..]) {
-                    Poll::Ready(r) => written += r?,
+                    Poll::Ready(r) => written += r.map_err(on(Side::Upstream))?,
                     Poll::Pending => {
                         self.pending = data[written..].to_vec();
                         self.written = 0;
@@ -253,36 +371,41 @@ struct FromUpstream {
 }
 
 impl FromUpstream {
-    fn poll<R, W>(
+    fn poll<R, W, O>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<io::Result<()>>
+        observer: &mut O,
+    ) -> Poll<Result<(), RelayError>>
     where
         R: AsyncBufRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
+        O: Observer,
     {
         if self.state.done {
             return Poll::Ready(Ok(()));
         }
         loop {
             if self.state.read_eof {
-                return self.state.poll_finish(cx, writer);
+                return self.state.poll_finish(cx, writer).map_err(on(Side::Client));
             }
             let data = match Pin::new(&mut *reader).poll_fill_buf(cx) {
                 Poll::Ready(Ok(data)) => data,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return self.state.poll_idle(cx, writer),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Upstream)(e))),
+                Poll::Pending => {
+                    return self.state.poll_idle(cx, writer).map_err(on(Side::Client));
+                }
             };
             if data.is_empty() {
                 self.state.read_eof = true;
                 continue;
             }
             let n = match self.state.poll_write(cx, writer, data) {
-                Poll::Ready(r) => r?,
+                Poll::Ready(r) => r.map_err(on(Side::Client))?,
                 Poll::Pending => return Poll::Pending,
             };
+            observer.upstream_bytes(&data[..n]);
             Pin::new(&mut *reader).consume(n);
         }
     }
@@ -356,6 +479,40 @@ mod tests {
         drop(client);
         let moved = relay.await.expect("join").expect("relay");
         assert_eq!(moved.to_client, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn says_which_side_closed_first_and_whose_socket_failed() {
+        let (mut client, mut client_end) = duplex(64);
+        let (upstream_end, _upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        let mut moved = Transferred::default();
+        client.shutdown().await.expect("client closes");
+        drop(client);
+        let first = relay_counted(&mut client_end, &mut upstream_end, &mut moved)
+            .await
+            .expect("a clean end");
+        assert_eq!(first, Side::Client);
+
+        let (client, mut client_end) = duplex(64);
+        let (upstream_end, mut upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        drop(client); // writes to the client now fail
+        upstream.write_all(b"late answer").await.expect("write");
+        let e = relay_counted(&mut client_end, &mut upstream_end, &mut moved).await;
+        match e {
+            Ok(side) => assert_eq!(side, Side::Client, "the client went away first"),
+            Err(e) => assert_eq!(e.side, Side::Client, "{e}"),
+        }
+
+        let (_client, mut client_end) = duplex(64);
+        let (upstream_end, mut upstream) = duplex(64);
+        let mut upstream_end = BufReader::new(upstream_end);
+        upstream.shutdown().await.expect("upstream closes");
+        let first = relay_counted(&mut client_end, &mut upstream_end, &mut moved)
+            .await
+            .expect("a clean end");
+        assert_eq!(first, Side::Upstream);
     }
 
     #[tokio::test(start_paused = true)]

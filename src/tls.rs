@@ -18,9 +18,17 @@ use rustls::{
 
 use serde::Deserialize;
 
+mod identities;
+
+pub use identities::{CERTS_DIR_CA, CertInfo, ClientIdentities};
+
 /// ALPN protocol name PostgreSQL 17+ requires for direct TLS
 /// (src/include/libpq/pqcomm.h, `PG_ALPN_PROTOCOL`).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// How close to its end a certificate's validity earns a warning: CA, node
+/// and client certificates alike (`sqlgate check`, `sqlgate nodes`, load).
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 60 * 60);
 
 /// How strictly the node's certificate is checked. There is no unverified mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -58,8 +66,79 @@ pub enum TlsConfigError {
     NoCa { path: PathBuf },
     #[error("cannot load client certificate or key from {path}: {reason}")]
     Client { path: PathBuf, reason: String },
+    #[error("certs_dir {path}: {reason}")]
+    CertsDir { path: PathBuf, reason: String },
+    #[error(
+        "key file {path} has mode {mode:04o}: readable by group or others; make it 0600 (chmod 0600), or 0640 owned by root"
+    )]
+    KeyMode { path: PathBuf, mode: u32 },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// What every client config shares: the provider, the node verifier, ALPN.
+#[derive(Debug)]
+struct ClientBase {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    negotiation: Negotiation,
+}
+
+impl ClientBase {
+    fn new(
+        ca_file: &Path,
+        sslmode: SslMode,
+        negotiation: Negotiation,
+    ) -> Result<Self, TlsConfigError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(load_roots(ca_file)?);
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| TlsConfigError::Ca {
+                path: ca_file.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let verifier: Arc<dyn ServerCertVerifier> = match sslmode {
+            SslMode::VerifyFull => verifier,
+            SslMode::VerifyCa => Arc::new(VerifyCaOnly { inner: verifier }),
+        };
+        Ok(Self {
+            provider,
+            verifier,
+            negotiation,
+        })
+    }
+
+    /// A config presenting `client` (chain and key file), or no certificate.
+    fn build(
+        &self,
+        client: Option<(Vec<CertificateDer<'static>>, &Path)>,
+    ) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::clone(&self.verifier));
+        let mut config = match client {
+            Some((chain, key_file)) => {
+                let key =
+                    PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsConfigError::Client {
+                        path: key_file.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsConfigError::Client {
+                        path: key_file.to_owned(),
+                        reason: format!("the key does not match the certificate: {e}"),
+                    })?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        if self.negotiation == Negotiation::Direct {
+            config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+        }
+        Ok(Arc::new(config))
+    }
 }
 
 /// Builds the client configuration.
@@ -72,40 +151,42 @@ pub fn client_config(
     sslmode: SslMode,
     negotiation: Negotiation,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(load_roots(&files.ca_file)?);
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsConfigError::Ca {
-            path: files.ca_file.clone(),
-            reason: e.to_string(),
-        })?;
-    let verifier: Arc<dyn ServerCertVerifier> = match sslmode {
-        SslMode::VerifyFull => verifier,
-        SslMode::VerifyCa => Arc::new(VerifyCaOnly { inner: verifier }),
-    };
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut config = match &files.client_cert {
+    let base = ClientBase::new(&files.ca_file, sslmode, negotiation)?;
+    shared_config(&base, files)
+}
+
+fn shared_config(base: &ClientBase, files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    match &files.client_cert {
         Some((cert, key)) => {
             let chain = load_certs(cert).map_err(|reason| TlsConfigError::Client {
                 path: cert.clone(),
                 reason,
             })?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsConfigError::Client {
-                path: key.clone(),
-                reason: e.to_string(),
-            })?;
-            builder.with_client_auth_cert(chain, key)?
+            base.build(Some((chain, key)))
         }
-        None => builder.with_no_client_auth(),
-    };
-    if negotiation == Negotiation::Direct {
-        config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+        None => base.build(None),
     }
-    Ok(Arc::new(config))
+}
+
+/// Builds the identity table: the shared config from `files`, and with
+/// `certs_dir` one config per `client.<user>.crt` in it.
+///
+/// # Errors
+/// As [`client_config`], and every problem of `certs_dir` (see
+/// [`ClientIdentities`]): unreadable directory, key readable by group or
+/// others, expired certificate, certificate without key.
+pub fn client_identities(
+    files: &TlsFiles,
+    certs_dir: Option<&Path>,
+    sslmode: SslMode,
+    negotiation: Negotiation,
+) -> Result<ClientIdentities, TlsConfigError> {
+    let base = ClientBase::new(&files.ca_file, sslmode, negotiation)?;
+    let shared = shared_config(&base, files)?;
+    match certs_dir {
+        None => Ok(ClientIdentities::shared(shared)),
+        Some(dir) => ClientIdentities::load_dir(dir, &base, shared, std::time::SystemTime::now()),
+    }
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -120,10 +120,12 @@ async fn start_turns_active_only_after_ready_under_the_shipped_hardening() {
         );
         assert_eq!(status_field(&status, "CapEff"), "0000000000000000");
         assert_eq!(status_field(&status, "CapBnd"), "0000000000000000");
-        let mapped: Vec<&str> = uid_map.lines().collect();
-        assert!(
-            mapped.len() <= 2 && !uid_map.contains("4294967295"),
-            "PrivateUsers= maps only root and the service's user:\n{uid_map}"
+        // No PrivateUsers=: the host's uids, so SO_PEERCRED tells apps apart
+        // (peer_users; tests/systemd_peer_users.rs).
+        assert_eq!(
+            uid_map.split_whitespace().collect::<Vec<_>>(),
+            ["0", "0", "4294967295"],
+            "the service sees the host's uids:\n{uid_map}"
         );
         // jemalloc's background thread runs under the system call filter.
         assert!(

@@ -14,11 +14,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod pool;
 mod raw;
 
+pub use pool::{PoolConfig, PoolMode};
+
 use crate::allowlist::Allowlist;
+use crate::peer::PeerUsers;
 use crate::tls::{self, Negotiation, SslMode, TlsFiles};
-use raw::{RawConfig, RawListen};
+use crate::tls_server::{self, ServerTlsFiles};
+use raw::{RawConfig, RawConsole, RawListen};
 
 /// Default listen port, as CockroachDB's.
 pub const DEFAULT_PORT: u16 = 26257;
@@ -54,6 +59,32 @@ pub struct Config {
     pub limits: Limits,
     pub metrics: Option<MetricsConfig>,
     pub log: LogConfig,
+    /// `[pool]`; `mode = off` without the table.
+    pub pool: PoolConfig,
+    /// `[[console]]`: the cluster's DB Console on local ports.
+    pub consoles: Vec<ConsoleConfig>,
+}
+
+/// One `[[console]]` listener: plain HTTP here, verified HTTPS to the nearest
+/// ready node's DB Console.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleConfig {
+    pub addr: SocketAddr,
+    /// Its own allowlist: console and SQL access are granted apart.
+    pub allow: Allowlist,
+    /// The nodes' DB Console port (`port`, else `health.http_port`, else 8080).
+    pub port: u16,
+}
+
+/// The DB Console port when neither `port` nor `health.http_port` is set.
+pub const DEFAULT_CONSOLE_PORT: u16 = 8080;
+
+/// A `[[listen]]` entry's TLS towards clients.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub files: ServerTlsFiles,
+    /// Built once per config load; reloaded with the config on SIGHUP.
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 /// Where a listener accepts clients.
@@ -80,6 +111,11 @@ pub struct ListenerConfig {
     /// may not have: `[::1]` on a host or container without IPv6 is skipped
     /// with a warning instead of failing the start.
     pub optional: bool,
+    /// `tls_cert_file`/`tls_key_file`: clients must use TLS (plaintext: 08P01).
+    pub tls: Option<ListenerTls>,
+    /// Unix sockets: which OS users may start sessions as which SQL users;
+    /// `None`: anyone who can open the socket.
+    pub peer_users: Option<Arc<PeerUsers>>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,8 +130,13 @@ pub struct UpstreamConfig {
     pub tcp_user_timeout: Duration,
     /// Appended to each session's `options` startup parameter.
     pub options: Option<String>,
-    /// Built once from the PEM files; shared by every session and probe.
+    /// Built once from the PEM files; shared by every probe, and by sessions
+    /// of users without a certificate in `certs_dir`.
     pub tls: Arc<rustls::ClientConfig>,
+    /// Which client certificate each SQL user presents (`certs_dir`); built
+    /// once per load. Sessions dial with [`tls::ClientIdentities::config_for`].
+    pub identities: Arc<tls::ClientIdentities>,
+    pub certs_dir: Option<PathBuf>,
     pub ca_file: PathBuf,
 }
 
@@ -220,7 +261,24 @@ impl Config {
 
         let up = raw.upstream;
         let resolve = |p: &Spanned<PathBuf>| base.join(p.get_ref());
-        let ca_file = resolve(&up.ca_file);
+        let certs_dir = up.certs_dir.as_ref().map(resolve);
+        let ca_file = match (&up.ca_file, &certs_dir) {
+            (Some(ca), _) => resolve(ca),
+            (None, Some(dir)) if dir.join(tls::CERTS_DIR_CA).is_file() => {
+                dir.join(tls::CERTS_DIR_CA)
+            }
+            (None, _) => {
+                return Err(err(
+                    up.certs_dir.as_ref().map(Spanned::span),
+                    "upstream.ca_file is missing: name the cluster's CA certificate (or put it in certs_dir as ca.crt)".into(),
+                ));
+            }
+        };
+        let ca_span = up
+            .ca_file
+            .as_ref()
+            .or(up.certs_dir.as_ref())
+            .map(Spanned::span);
         let client = match (&up.client_cert_file, &up.client_key_file) {
             (Some(cert), Some(key)) => Some((resolve(cert), resolve(key))),
             (None, None) => None,
@@ -231,23 +289,35 @@ impl Config {
                 ));
             }
         };
+        if let (Some(_), Some(dir)) = (&client, &up.certs_dir) {
+            return Err(err(
+                Some(dir.span()),
+                "certs_dir and client_cert_file/client_key_file exclude each other: use one certificate for every session, or one per user".into(),
+            ));
+        }
         let files = TlsFiles {
             ca_file: ca_file.clone(),
             client_cert: client,
         };
         let sslmode = up.sslmode.unwrap_or(SslMode::VerifyFull);
         let negotiation = up.negotiation.unwrap_or(Negotiation::Postgres);
-        let tls = tls::client_config(&files, sslmode, negotiation).map_err(|e| {
-            let span = match &e {
-                tls::TlsConfigError::Client { .. } => up
-                    .client_cert_file
-                    .as_ref()
-                    .map(|s| s.span())
-                    .or(Some(up.ca_file.span())),
-                _ => Some(up.ca_file.span()),
-            };
-            err(span, e.to_string())
-        })?;
+        let identities = tls::client_identities(&files, certs_dir.as_deref(), sslmode, negotiation)
+            .map_err(|e| {
+                let span = match &e {
+                    tls::TlsConfigError::Client { .. } => up
+                        .client_cert_file
+                        .as_ref()
+                        .or(up.certs_dir.as_ref())
+                        .map(Spanned::span)
+                        .or(ca_span.clone()),
+                    tls::TlsConfigError::CertsDir { .. } | tls::TlsConfigError::KeyMode { .. } => {
+                        up.certs_dir.as_ref().map(Spanned::span)
+                    }
+                    _ => ca_span.clone(),
+                };
+                err(span, e.to_string())
+            })?;
+        let tls = Arc::clone(identities.shared_config());
         let positive =
             |value: Option<Spanned<raw::HumanDuration>>, default: u64, name: &str| match value {
                 None => Ok(Duration::from_secs(default)),
@@ -264,6 +334,8 @@ impl Config {
             tcp_user_timeout: positive(up.tcp_user_timeout, 60, "upstream.tcp_user_timeout")?,
             options: up.options.filter(|o| !o.trim().is_empty()),
             tls,
+            identities: Arc::new(identities),
+            certs_dir,
             ca_file,
         };
 
@@ -375,7 +447,33 @@ impl Config {
             ));
         }
 
+        let pool = pool::validate(raw.pool, base).map_err(|e| match e {
+            Ok((span, message)) => err(span, message),
+            Err(e) => ConfigError {
+                path: e.path.clone(),
+                line: e.line,
+                message: e.message,
+            },
+        })?;
+        let consoles =
+            validate_consoles(raw.console, health.http_port).map_err(|(s, m)| err(s, m))?;
+        if let Some(c) = consoles
+            .iter()
+            .find(|c| {
+                listeners
+                    .iter()
+                    .any(|l| l.endpoint == Endpoint::Tcp(c.addr))
+            })
+            .filter(|c| c.addr.port() != 0)
+        {
+            return Err(err(
+                None,
+                format!("console {} uses the address of a [[listen]]", c.addr),
+            ));
+        }
+
         Ok(Config {
+            consoles,
             path: path.to_owned(),
             listeners,
             upstream,
@@ -385,6 +483,7 @@ impl Config {
             limits,
             metrics,
             log,
+            pool,
         })
     }
 
@@ -402,9 +501,22 @@ impl Config {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", "),
-                Endpoint::Unix { mode, .. } => format!("file mode {mode:04o}"),
+                Endpoint::Unix { mode, .. } => match &l.peer_users {
+                    Some(p) => format!(
+                        "file mode {mode:04o}, peer_users: {}",
+                        p.os_users().collect::<Vec<_>>().join(", ")
+                    ),
+                    None => format!("file mode {mode:04o}"),
+                },
             };
-            let _ = writeln!(out, "listen: {} (allow: {allow})", l.endpoint);
+            let tls = match &l.tls {
+                None => String::new(),
+                Some(t) if t.files.client_ca_file.is_some() => {
+                    " tls=on (client certificates required)".to_owned()
+                }
+                Some(_) => " tls=on".to_owned(),
+            };
+            let _ = writeln!(out, "listen: {} (allow: {allow}){tls}", l.endpoint);
         }
         let u = &self.upstream;
         let _ = writeln!(
@@ -426,6 +538,24 @@ impl Config {
                 ""
             },
         );
+        if let Some(dir) = &u.certs_dir {
+            let certs = u.identities.certificates();
+            let _ = writeln!(
+                out,
+                "certs_dir: {} ({} client certificate{})",
+                dir.display(),
+                certs.len(),
+                if certs.len() == 1 { "" } else { "s" }
+            );
+            for c in certs {
+                let _ = writeln!(
+                    out,
+                    "client certificate: user {} expires {}",
+                    c.user,
+                    humantime::format_rfc3339_seconds(c.not_after)
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "routing: region={}",
@@ -434,6 +564,21 @@ impl Config {
         for n in &self.nodes {
             let via = n.addr.map(|a| format!(" via {a}")).unwrap_or_default();
             let _ = writeln!(out, "node: {} region={}{via}", n.id, n.region);
+        }
+        let _ = writeln!(out, "{}", self.pool.describe());
+        for c in &self.consoles {
+            let allow = c
+                .allow
+                .nets()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                out,
+                "console: http://{} (allow: {allow}) -> https://<nearest ready node>:{}",
+                c.addr, c.port
+            );
         }
         out
     }
@@ -450,22 +595,89 @@ impl Config {
                     "listener {addr} is not on loopback and its allowlist admits every address"
                 ));
             }
+            if let Endpoint::Tcp(addr) = l.endpoint
+                && !addr.ip().is_loopback()
+                && l.tls.is_none()
+            {
+                out.push(format!(
+                    "listener {addr} is not on loopback and has no TLS: SQL traffic (passwords included) crosses the network in clear; set tls_cert_file and tls_key_file"
+                ));
+            }
+        }
+        for c in &self.consoles {
+            if !c.addr.ip().is_loopback() && c.allow.admits_everyone() {
+                out.push(format!(
+                    "console {} is not on loopback and its allowlist admits every address",
+                    c.addr
+                ));
+            }
         }
         if let Some(region) = &self.routing.region
             && !self.nodes.iter().any(|n| &n.region == region)
         {
             out.push(format!("routing.region {region:?} has no nodes"));
         }
+        out.extend(
+            self.pool
+                .userlist
+                .warnings()
+                .iter()
+                .map(ToString::to_string),
+        );
         out.extend(expiry_warnings(
             &self.upstream.ca_file,
             std::time::SystemTime::now(),
         ));
+        out.extend(client_cert_warnings(self, std::time::SystemTime::now()));
         out
     }
 }
 
-/// How close to its end a CA certificate's validity earns a warning.
-const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// Client certificates of `certs_dir` near their end or with a CN that is not
+/// their user; and TCP listeners that let more than this host use them.
+fn client_cert_warnings(config: &Config, now: std::time::SystemTime) -> Vec<String> {
+    let certs = config.upstream.identities.certificates();
+    let mut out = Vec::new();
+    for c in certs {
+        if let Some(cn) = &c.cn_mismatch {
+            out.push(format!(
+                "client certificate {} has CN {cn:?}, not its user {:?}; the cluster may refuse it",
+                c.cert_file.display(),
+                c.user
+            ));
+        }
+        if let Ok(left) = c.not_after.duration_since(now)
+            && left <= EXPIRY_WARNING
+        {
+            out.push(format!(
+                "client certificate of user {} ({}) expires in {} days (at {}); renew it",
+                c.user,
+                c.cert_file.display(),
+                left.as_secs() / 86_400,
+                humantime::format_rfc3339_seconds(c.not_after)
+            ));
+        }
+    }
+    if !certs.is_empty() {
+        for l in &config.listeners {
+            if let Endpoint::Tcp(addr) = l.endpoint
+                && !addr.ip().is_loopback()
+                && !l
+                    .allow
+                    .nets()
+                    .iter()
+                    .all(|n| n.network().is_loopback() && n.broadcast().is_loopback())
+            {
+                out.push(format!(
+                    "certs_dir holds client certificates and listener {addr} admits more than loopback: anyone it admits connects with those identities; use loopback or a Unix socket with peer_users"
+                ));
+            }
+        }
+    }
+    out
+}
+
+use crate::tls::EXPIRY_WARNING;
 
 /// A warning for each certificate in the PEM file at `path` that has expired
 /// or expires within [`EXPIRY_WARNING`] of `now`.
@@ -524,8 +736,10 @@ fn validate_listeners(
         .into_iter()
         .map(|ip| ListenerConfig {
             optional: ip.is_ipv6(),
+            tls: None,
             endpoint: Endpoint::Tcp(SocketAddr::new(ip, DEFAULT_PORT)),
             allow: Allowlist::loopback(),
+            peer_users: None,
         })
         .collect());
     }
@@ -576,10 +790,88 @@ fn validate_listeners(
             Some(nets) => Allowlist::new(nets),
             None => Allowlist::loopback(),
         };
+        let tls = listener_tls(l.tls_cert_file, l.tls_key_file, l.tls_client_ca_file, base)?;
+        if tls.is_some() && !matches!(endpoint, Endpoint::Tcp(_)) {
+            return Err((
+                Some(span),
+                "tls_cert_file applies to TCP listeners only".into(),
+            ));
+        }
+        let peer_users = match (l.peer_users, &endpoint) {
+            (None, _) => None,
+            (Some(map), Endpoint::Unix { .. }) => Some(Arc::new(PeerUsers::new(map.into_inner()))),
+            (Some(map), Endpoint::Tcp(_)) => {
+                return Err((
+                    Some(map.span()),
+                    "peer_users applies to unix socket listeners only (on TCP the allowlist decides)".into(),
+                ));
+            }
+        };
         out.push(ListenerConfig {
             endpoint,
             allow,
             optional: false,
+            tls,
+            peer_users,
+        });
+    }
+    Ok(out)
+}
+
+/// The TLS settings of one `[[listen]]`: both files or neither; the client CA
+/// only with them.
+fn listener_tls(
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+    client_ca: Option<Spanned<PathBuf>>,
+    base: &Path,
+) -> Result<Option<ListenerTls>, (Option<Range<usize>>, String)> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => {
+            return match client_ca {
+                None => Ok(None),
+                Some(ca) => Err((
+                    Some(ca.span()),
+                    "tls_client_ca_file needs tls_cert_file and tls_key_file".into(),
+                )),
+            };
+        }
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(s), None) | (None, Some(s)) => {
+            return Err((
+                Some(s.span()),
+                "tls_cert_file and tls_key_file go together".into(),
+            ));
+        }
+    };
+    let span = cert.span();
+    let files = ServerTlsFiles {
+        cert_file: base.join(cert.get_ref()),
+        key_file: base.join(key.get_ref()),
+        client_ca_file: client_ca.map(|c| base.join(c.get_ref())),
+    };
+    let config = tls_server::server_config(&files).map_err(|e| (Some(span), e.to_string()))?;
+    Ok(Some(ListenerTls { files, config }))
+}
+
+fn validate_consoles(
+    raw: Vec<Spanned<RawConsole>>,
+    http_port: Option<u16>,
+) -> Result<Vec<ConsoleConfig>, (Option<Range<usize>>, String)> {
+    let mut out: Vec<ConsoleConfig> = Vec::new();
+    for spanned in raw {
+        let span = spanned.span();
+        let c = spanned.into_inner();
+        if c.addr.port() != 0 && out.iter().any(|o| o.addr == c.addr) {
+            return Err((Some(span), format!("duplicate console {}", c.addr)));
+        }
+        if c.port == Some(0) {
+            return Err((Some(span), "console port must not be 0".into()));
+        }
+        out.push(ConsoleConfig {
+            addr: c.addr,
+            allow: c.allow.map_or_else(Allowlist::loopback, Allowlist::new),
+            port: c.port.or(http_port).unwrap_or(DEFAULT_CONSOLE_PORT),
         });
     }
     Ok(out)

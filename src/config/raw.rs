@@ -2,6 +2,7 @@
 //! `deny_unknown_fields` everywhere and spans kept where validation needs a line.
 //! [`super::Config::parse`] turns them into the typed config.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +44,9 @@ pub(super) struct RawConfig {
     pub(super) metrics: Option<RawMetrics>,
     #[serde(default)]
     pub(super) log: RawLog,
+    pub(super) pool: Option<super::pool::RawPool>,
+    #[serde(default)]
+    pub(super) console: Vec<Spanned<RawConsole>>,
 }
 
 #[derive(Deserialize)]
@@ -52,12 +56,25 @@ pub(super) struct RawListen {
     pub(super) path: Option<PathBuf>,
     pub(super) mode: Option<String>,
     pub(super) allow: Option<Vec<IpNet>>,
+    pub(super) peer_users: Option<Spanned<BTreeMap<String, Vec<String>>>>,
+    pub(super) tls_cert_file: Option<Spanned<PathBuf>>,
+    pub(super) tls_key_file: Option<Spanned<PathBuf>>,
+    pub(super) tls_client_ca_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsole {
+    pub(super) addr: SocketAddr,
+    pub(super) allow: Option<Vec<IpNet>>,
+    pub(super) port: Option<u16>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
-    pub(super) ca_file: Spanned<PathBuf>,
+    pub(super) ca_file: Option<Spanned<PathBuf>>,
+    pub(super) certs_dir: Option<Spanned<PathBuf>>,
     pub(super) client_cert_file: Option<Spanned<PathBuf>>,
     pub(super) client_key_file: Option<Spanned<PathBuf>>,
     pub(super) sslmode: Option<SslMode>,

@@ -20,8 +20,13 @@ impl SqlState {
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
     /// `sqlserver_rejected_establishment_of_sqlconnection`: TLS refused or not verified.
     pub const REJECTED_ESTABLISHMENT: SqlState = SqlState("08004");
+    /// `feature_not_supported`: a protocol version PostgreSQL does not speak
+    /// (also a second SSLRequest, which PostgreSQL reads as protocol 1234.5679).
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     /// `admin_shutdown`: the daemon is draining.
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    /// `invalid_password`: pooling, the client's password or SCRAM proof is wrong.
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
 
     pub fn code(self) -> &'static str {
         self.0
@@ -32,6 +37,19 @@ impl fmt::Display for SqlState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.0)
     }
+}
+
+/// Encodes the error a protocol-2 client gets, as PostgreSQL 14+ still sends
+/// it for "unsupported frontend protocol" (`send_message_to_frontend`, "old
+/// style"): `'E'`, then `FATAL:  <message>\n` as a NUL-terminated string,
+/// with no length word.
+pub fn fatal_v2(message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 11);
+    out.push(b'E');
+    out.extend_from_slice(b"FATAL:  ");
+    out.extend_from_slice(message.replace('\0', " ").as_bytes());
+    out.extend_from_slice(b"\n\0");
+    out
 }
 
 /// Encodes a FATAL ErrorResponse (`'E'`) with severity, SQLSTATE and message.

@@ -164,8 +164,12 @@ pub fn parse_packet(packet: &[u8]) -> Result<FrontendPacket, ProtocolError> {
                     minor: version.minor,
                 });
             }
-            parse_params(body)
-                .map(|params| FrontendPacket::Startup(StartupMessage { version, params }))
+            let params = parse_params(body)?;
+            // As PostgreSQL: the layout is checked first, then the user name.
+            if !params.iter().any(|(k, v)| k == b"user" && !v.is_empty()) {
+                return Err(ProtocolError::NoUser);
+            }
+            Ok(FrontendPacket::Startup(StartupMessage { version, params }))
         }
     }
 }
@@ -181,9 +185,9 @@ fn check_len(len: u32) -> Result<(), ProtocolError> {
 fn parse_cancel(body: &[u8]) -> Result<CancelRequest, ProtocolError> {
     let (pid, key) = body
         .split_first_chunk::<4>()
-        .ok_or(ProtocolError::Malformed("CancelRequest"))?;
+        .ok_or(ProtocolError::BadCancelKey(0))?;
     if !CANCEL_KEY_LEN.contains(&key.len()) {
-        return Err(ProtocolError::Malformed("CancelRequest"));
+        return Err(ProtocolError::BadCancelKey(key.len()));
     }
     Ok(CancelRequest {
         pid: u32::from_be_bytes(*pid),
@@ -267,7 +271,7 @@ impl StartupReader {
                 return Err(if self.buf.is_empty() {
                     ProtocolError::Closed
                 } else {
-                    ProtocolError::Malformed("truncated startup packet")
+                    ProtocolError::Truncated
                 });
             }
         }

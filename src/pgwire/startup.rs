@@ -147,6 +147,8 @@ pub enum FirstAnswer {
 pub struct StartupRelay {
     from_server: BytesMut,
     phase: StartupPhase,
+    /// The server offered `SCRAM-SHA-256-PLUS` (and the client did not see it).
+    stripped_plus: bool,
 }
 
 impl Default for StartupRelay {
@@ -160,11 +162,18 @@ impl StartupRelay {
         StartupRelay {
             from_server: BytesMut::with_capacity(4096),
             phase: StartupPhase::AwaitingFirst,
+            stripped_plus: false,
         }
     }
 
     pub fn phase(&self) -> StartupPhase {
         self.phase
+    }
+
+    /// True once `SCRAM-SHA-256-PLUS` has been removed from the server's
+    /// AuthenticationSASL offer (see [`super::channel_binding`]).
+    pub fn stripped_scram_plus(&self) -> bool {
+        self.stripped_plus
     }
 
     /// The buffer the server's bytes are read into (for `read_buf`); whole
@@ -205,6 +214,7 @@ impl StartupRelay {
                 if code == backend::AUTH_SASL
                     && let Some(body) = backend::strip_scram_plus(&msg.body)?
                 {
+                    self.stripped_plus = true;
                     Message {
                         tag: msg.tag,
                         body: body.into(),

@@ -81,7 +81,7 @@ pub enum Observation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeHealth {
     pub status: Status,
-    /// Smoothed probe RTT (TCP connect + TLS negotiation + handshake).
+    /// Smoothed probe RTT (one round trip: SSLRequest and its answer).
     pub rtt: Option<Duration>,
     /// The latest raw probe times, oldest first (at most [`SPIKE_WINDOW`]).
     pub recent_rtts: Vec<Duration>,

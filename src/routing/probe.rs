@@ -75,8 +75,13 @@ impl ProbeSettings {
 pub struct ProbeOk {
     /// The address that answered (names are resolved per probe).
     pub addr: SocketAddr,
-    /// TCP connect + TLS negotiation + handshake.
+    /// The round-trip time: the SSLRequest and its answer (with direct TLS,
+    /// the TLS 1.3 handshake). What routing orders nodes by and
+    /// `sqlgate_node_rtt_seconds` shows.
     pub rtt: Duration,
+    /// TCP connect + TLS negotiation + handshake: what a new session waits
+    /// for before its StartupMessage (a few round trips).
+    pub handshake: Duration,
     /// Negotiated TLS version, e.g. `TLSv1_3`.
     pub tls_version: Option<&'static str>,
     /// `notAfter` of the node's certificate.
@@ -119,7 +124,8 @@ pub async fn probe(node: &NodeConfig, settings: &ProbeSettings) -> Result<ProbeO
         .and_then(|leaf| certificate_expiry(leaf.as_ref()));
     let mut ok = ProbeOk {
         addr: connection.addr,
-        rtt: connection.elapsed,
+        rtt: connection.round_trip,
+        handshake: connection.elapsed,
         tls_version,
         cert_expiry,
         readiness_status: None,

@@ -9,26 +9,30 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::allowlist::Allowlist;
-use crate::cancel::{CancelOutcome, CancelTable, CancelTarget, Registration};
+use crate::cancel::{CancelOutcome, CancelSource, CancelTable, CancelTarget, Registration};
 use crate::config::Config;
-use crate::metrics::{self as m, ConnectionOutcome, Direction};
+use crate::metrics::{self as m, ConnectionOutcome, Direction, EndOutcome, EndedBy, SessionEnd};
+use crate::peer::{self, PeerIdentity, PeerUsers};
 use crate::pgwire::ProtocolError;
 use crate::pgwire::backend::BackendKeyData;
-use crate::pgwire::error::{SqlState, fatal};
+use crate::pgwire::channel_binding;
+use crate::pgwire::error::{SqlState, fatal, fatal_v2};
 use crate::pgwire::frontend::{FrontendPacket, StartupMessage, StartupReader};
 use crate::pgwire::startup::{Event, ServerError, StartupRelay};
-use crate::relay::{self, Transferred};
+use crate::relay::{self, RelayError, Side, Transferred};
 use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
+use crate::tls_server::{self, ClientTlsError};
 
 mod open;
+mod pooled;
 
-use crate::upstream::{self, UpstreamStream};
+use crate::upstream::{self, Dialer, TlsDialer};
 pub use open::Attempt;
 use open::{Opened, open};
 
@@ -41,13 +45,22 @@ pub struct SessionContext {
     pub listener: Arc<str>,
     /// `None` for Unix sockets, where file permissions decide.
     pub allow: Option<Arc<Allowlist>>,
+    /// Unix sockets with `peer_users`: which OS users may be which SQL users.
+    pub peer_users: Option<Arc<PeerUsers>>,
+    /// Unix sockets: the connecting process's uid (SO_PEERCRED), set at accept.
+    pub peer_uid: Option<u32>,
     pub router: Arc<Router>,
     pub cancels: Arc<CancelTable>,
+    /// Session pooling's server sessions (unused with `[pool] mode = "off"`).
+    pub pool: Arc<crate::pool::Pool>,
     /// Cancelled to end this session at once (allowlist change).
     pub kill: CancellationToken,
     /// The daemon's lifecycle: no new session from draining on, and the
     /// session is cut at [`Phase::Cutting`].
     pub lifecycle: PhaseWatch,
+    /// The listener serves TLS to clients (`tls_cert_file`): negotiated
+    /// before the startup packet, plaintext refused.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl SessionContext {
@@ -66,6 +79,10 @@ impl SessionContext {
 pub enum SessionError {
     #[error("client address is not in the allowlist")]
     Denied,
+    #[error(
+        "the Unix-socket peer's OS user may not start sessions as the requested user (peer_users)"
+    )]
+    PeerDenied,
     #[error("bad startup packet: {0}")]
     Protocol(#[from] ProtocolError),
     #[error("bytes after SSLRequest before the answer was read")]
@@ -79,7 +96,13 @@ pub enum SessionError {
     #[error("server broke the protocol during startup: {0}")]
     Upstream(ProtocolError),
     #[error("node {node} {what}")]
-    StartupBroken { node: String, what: String },
+    StartupBroken {
+        node: String,
+        what: String,
+        timed_out: bool,
+    },
+    #[error("{0}")]
+    Relay(RelayError),
     #[error("the node refused the session: {} {}", .0.code, .0.message)]
     ServerRefused(ServerError),
     #[error("I/O error: {0}")]
@@ -107,15 +130,37 @@ impl SessionError {
                 SqlState::INVALID_AUTHORIZATION,
                 "sqlgate: your address is not in this listener's allowlist; add it to `allow` in the sqlgate config".to_owned(),
             ),
-            SessionError::Protocol(ProtocolError::Closed) | SessionError::Io(_) | SessionError::Killed => return None,
+            SessionError::PeerDenied => (
+                SqlState::INVALID_AUTHORIZATION,
+                "sqlgate: your OS user may not start sessions as this database user on this socket; ask the administrator to allow it".to_owned(),
+            ),
+            SessionError::Protocol(ProtocolError::Closed)
+            | SessionError::Io(_)
+            | SessionError::Killed
+            | SessionError::Relay(_) => return None,
+            // As PostgreSQL (ProcessStartupPacket): what it only logs
+            // (COMMERROR) gets a silent close, counted and logged here.
+            SessionError::Protocol(
+                ProtocolError::BadLength(_) | ProtocolError::Truncated | ProtocolError::BadCancelKey(_),
+            )
+            | SessionError::StartupTimeout(_) => return None,
+            SessionError::Protocol(ProtocolError::UnsupportedVersion { major, minor }) => (
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("sqlgate: unsupported frontend protocol {major}.{minor}: sqlgate speaks protocol 3"),
+            ),
+            // PostgreSQL reads a second SSLRequest as protocol 1234.5679.
+            SessionError::Protocol(ProtocolError::Repeated(what)) => (
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("sqlgate: unsupported frontend protocol: {what} sent twice"),
+            ),
+            SessionError::Protocol(ProtocolError::NoUser) => (
+                SqlState::INVALID_AUTHORIZATION,
+                "sqlgate: no PostgreSQL user name specified in startup packet".to_owned(),
+            ),
             SessionError::Protocol(e) => (SqlState::PROTOCOL_VIOLATION, format!("sqlgate: invalid startup packet: {e}")),
             SessionError::BytesAfterSslRequest => (
                 SqlState::PROTOCOL_VIOLATION,
                 "sqlgate: received unencrypted data after SSL request".to_owned(),
-            ),
-            SessionError::StartupTimeout(t) => (
-                SqlState::PROTOCOL_VIOLATION,
-                format!("sqlgate: startup packet not received within {}", humantime::format_duration(*t)),
             ),
             SessionError::ShuttingDown => (
                 SqlState::ADMIN_SHUTDOWN,
@@ -142,7 +187,7 @@ impl SessionError {
                 SqlState::CONNECTION_FAILURE,
                 format!("sqlgate: the cluster node broke the protocol: {e}"),
             ),
-            SessionError::StartupBroken { node, what } => (
+            SessionError::StartupBroken { node, what, .. } => (
                 SqlState::CONNECTION_FAILURE,
                 format!("sqlgate: cluster node {node} {what}; reconnect to be sent to a healthy node"),
             ),
@@ -154,7 +199,7 @@ impl SessionError {
 
     fn outcome(&self) -> Option<ConnectionOutcome> {
         match self {
-            SessionError::Denied => Some(ConnectionOutcome::Denied),
+            SessionError::Denied | SessionError::PeerDenied => Some(ConnectionOutcome::Denied),
             SessionError::Protocol(ProtocolError::Closed) => None,
             SessionError::Protocol(_) | SessionError::BytesAfterSslRequest => {
                 Some(ConnectionOutcome::BadStartup)
@@ -178,6 +223,15 @@ pub async fn serve<S>(ctx: SessionContext, client: S, peer: Option<SocketAddr>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    serve_with(ctx, client, peer, &TlsDialer).await;
+}
+
+/// [`serve`], reaching nodes through `dialer` (tests hand in-memory nodes).
+pub async fn serve_with<S, D>(ctx: SessionContext, client: S, peer: Option<SocketAddr>, dialer: &D)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Dialer,
+{
     let span = tracing::info_span!(
         "session",
         session.id = ctx.id,
@@ -186,12 +240,33 @@ where
         node = tracing::field::Empty,
         region = tracing::field::Empty,
     );
-    run(ctx, client, peer).instrument(span).await;
+    let Some(tls) = ctx.tls.clone() else {
+        return run(ctx, client, peer, dialer).instrument(span).await;
+    };
+    // TLS first: the startup packet and everything after it ride the TLS session.
+    let limit = ctx.config.limits.startup_timeout;
+    match tokio::time::timeout(limit, tls_server::accept(client, tls)).await {
+        Ok(Ok(client)) => run(ctx, client, peer, dialer).instrument(span).await,
+        Ok(Err(e)) => span.in_scope(|| {
+            let outcome = match e {
+                ClientTlsError::Closed => return,
+                ClientTlsError::Plaintext => ConnectionOutcome::Denied,
+                _ => ConnectionOutcome::BadStartup,
+            };
+            m::client_connection(&ctx.listener, outcome);
+            tracing::info!(outcome = outcome.as_str(), error = %e, "client TLS refused");
+        }),
+        Err(_) => span.in_scope(|| {
+            m::client_connection(&ctx.listener, ConnectionOutcome::Timeout);
+            tracing::info!("client did not finish the TLS negotiation in time");
+        }),
+    }
 }
 
-async fn run<S>(ctx: SessionContext, mut client: S, peer: Option<SocketAddr>)
+async fn run<S, D>(ctx: SessionContext, mut client: S, peer: Option<SocketAddr>, dialer: &D)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Dialer,
 {
     let started = Instant::now();
     // The later steps are boxed: their futures (TLS state, cancel forwarding) are
@@ -222,7 +297,10 @@ where
             }
         };
     let (startup, client_leftover) = match request {
-        Request::Cancel(cancel) => return Box::pin(handle_cancel(&ctx, &cancel, admitted)).await,
+        Request::Cancel(cancel) => {
+            let source = CancelSource::of(peer, ctx.peer_uid);
+            return Box::pin(handle_cancel(&ctx, &cancel, source, admitted)).await;
+        }
         Request::Session(..) if !admitted => {
             return reject(&ctx, &mut client, SessionError::Denied).await;
         }
@@ -231,7 +309,32 @@ where
         }
         Request::Session(startup, leftover) => (startup, leftover),
     };
+    let user = String::from_utf8_lossy(startup.param("user").unwrap_or_default()).into_owned();
+    if let Some(peer_users) = &ctx.peer_users
+        && !peer_permits(peer_users, ctx.peer_uid, &user).await
+    {
+        return reject(&ctx, &mut client, SessionError::PeerDenied).await;
+    }
     m::client_connection(&ctx.listener, ConnectionOutcome::Accepted);
+
+    // pooled: the user is in auth_file, sqlgate authenticates it itself
+    if ctx.config.pool.is_on()
+        && let Some(entry) = startup
+            .param("user")
+            .and_then(|u| std::str::from_utf8(u).ok())
+            .and_then(|u| ctx.config.pool.userlist.get(u))
+            .cloned()
+    {
+        return Box::pin(pooled::run(
+            &ctx,
+            &mut client,
+            startup,
+            client_leftover,
+            entry,
+            started,
+        ))
+        .await;
+    }
 
     // select + connect: the StartupMessage goes to each candidate until one
     // takes the session.
@@ -241,7 +344,9 @@ where
     }
     let mut first_flight = startup.encode();
     first_flight.extend_from_slice(&client_leftover);
-    let opened = match Box::pin(open(&ctx, &first_flight)).await {
+    // The user's client certificate (certs_dir), else the shared config.
+    let tls = ctx.config.upstream.identities.config_for(&user);
+    let opened = match Box::pin(open(&ctx, dialer, &first_flight, &tls)).await {
         Ok(opened) => opened,
         Err(e) => return reject(&ctx, &mut client, e).await,
     };
@@ -251,7 +356,7 @@ where
     span.record("region", opened.node.config.region.as_str());
     let _on_node = ctx.router.session_started(&opened.node);
     let _active = m::ActiveSession::start();
-    let (moved, result) = Box::pin(proxy(&ctx, &mut client, opened)).await;
+    let (moved, result) = Box::pin(proxy(&ctx, &mut client, opened, tls)).await;
     drop(_active);
     if let Err(e @ SessionError::StartupBroken { .. }) = &result
         && let Some((code, text)) = e.client_error()
@@ -265,19 +370,51 @@ where
     let duration = started.elapsed();
     metrics::histogram!(m::SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
     // The one summary line, with the bytes moved however the session ended.
-    let (outcome, error) = match &result {
-        Ok(()) => ("closed", None),
-        Err(SessionError::Killed) => ("killed", None),
-        Err(e) => ("error", Some(e)),
-    };
+    let end = session_end(&result);
+    end.record();
     tracing::info!(
         duration_ms = duration.as_millis() as u64,
         bytes.to_upstream = moved.to_upstream,
         bytes.to_client = moved.to_client,
-        outcome,
-        error = error.map(tracing::field::display),
+        ended_by = end.ended_by.as_str(),
+        outcome = end.outcome.as_str(),
+        error = result.as_ref().err().map(tracing::field::display),
         "session ended"
     );
+}
+
+/// Who ended a session that reached a node, and how.
+fn session_end(result: &Result<Side, SessionError>) -> SessionEnd {
+    let (ended_by, outcome) = match result {
+        Ok(Side::Client) => (EndedBy::Client, EndOutcome::Closed),
+        Ok(Side::Upstream) => (EndedBy::Upstream, EndOutcome::Closed),
+        Err(SessionError::Killed) => (EndedBy::Sqlgate, EndOutcome::Killed),
+        Err(SessionError::Relay(e)) => (
+            match e.side {
+                Side::Client => EndedBy::Client,
+                Side::Upstream => EndedBy::Upstream,
+            },
+            match e.source.kind() {
+                std::io::ErrorKind::TimedOut => EndOutcome::Timeout,
+                // A close without TLS close_notify is still a close.
+                std::io::ErrorKind::UnexpectedEof => EndOutcome::Closed,
+                _ => EndOutcome::Error,
+            },
+        ),
+        Err(SessionError::StartupBroken { timed_out, .. }) => (
+            EndedBy::Upstream,
+            if *timed_out {
+                EndOutcome::Timeout
+            } else {
+                EndOutcome::Error
+            },
+        ),
+        // The node's own FATAL (e.g. a failed login): it closed the session.
+        Err(SessionError::ServerRefused(_)) => (EndedBy::Upstream, EndOutcome::Closed),
+        Err(SessionError::Upstream(_)) => (EndedBy::Upstream, EndOutcome::Error),
+        Err(_) => (EndedBy::Client, EndOutcome::Error),
+    };
+    SessionEnd { ended_by, outcome }
 }
 
 /// Reads the client's startup packets: SSLRequest and GSSENCRequest are refused
@@ -313,13 +450,15 @@ where
 }
 
 /// Startup relay, then byte relay. Bytes are counted as they pass.
-async fn proxy<S>(
+async fn proxy<S, U>(
     ctx: &SessionContext,
     client: &mut S,
-    opened: Opened,
-) -> (Transferred, Result<(), SessionError>)
+    opened: Opened<U>,
+    tls: Arc<rustls::ClientConfig>,
+) -> (Transferred, Result<Side, SessionError>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncBufRead + AsyncWrite + Unpin + Send,
 {
     let Opened {
         node,
@@ -336,6 +475,7 @@ where
         node: node.config.clone(),
         addr,
         server_key,
+        tls: Arc::clone(&tls),
     };
     let mut in_startup = Transferred {
         to_upstream: sent,
@@ -347,6 +487,7 @@ where
             r.unwrap_or_else(|_| Err(SessionError::StartupBroken {
                 node: node.id().to_string(),
                 what: format!("did not finish the startup within {} (upstream.startup_timeout)", humantime::format_duration(deadline)),
+                timed_out: true,
             }))
         }
         () = ctx.killed() => Err(SessionError::Killed),
@@ -357,13 +498,17 @@ where
             let e = SessionError::StartupBroken {
                 node: node.id().to_string(),
                 what: format!("broke the protocol: {e}"),
+                timed_out: false,
             };
             return (count_bytes(in_startup), Err(e));
         }
-        Err(SessionError::StartupBroken { what, .. }) => {
+        Err(SessionError::StartupBroken {
+            what, timed_out, ..
+        }) => {
             let e = SessionError::StartupBroken {
                 node: node.id().to_string(),
                 what,
+                timed_out,
             };
             return (count_bytes(in_startup), Err(e));
         }
@@ -376,14 +521,18 @@ where
         () = ctx.killed() => None,
     };
     let result = match ended {
-        Some(Ok(())) => Ok(()),
+        Some(Ok(side)) => Ok(side),
         Some(Err(e)) => {
-            // A reset or broken pipe mid-session: the session is over either way.
-            tracing::debug!(error = %e, "relay ended with an error");
-            if matches!(e.kind(), std::io::ErrorKind::TimedOut) {
-                node.metrics.upstream_error(upstream::ErrorKind::Timeout);
+            if e.side == Side::Upstream && e.source.kind() != std::io::ErrorKind::UnexpectedEof {
+                // A broken connection to the node counts against it.
+                node.metrics
+                    .upstream_error(if e.source.kind() == std::io::ErrorKind::TimedOut {
+                        upstream::ErrorKind::Timeout
+                    } else {
+                        upstream::ErrorKind::Reset
+                    });
             }
-            Ok(())
+            Err(SessionError::Relay(e))
         }
         None => {
             if let Some(registration) = &registration {
@@ -413,27 +562,41 @@ fn count_bytes(moved: Transferred) -> Transferred {
 /// [`StartupRelay`]), while the client's answers (SASL responses, passwords)
 /// flow to the server at the same time. Bytes are counted in `moved` as they
 /// pass.
-async fn startup_relay<S>(
+async fn startup_relay<S, U>(
     ctx: &SessionContext,
     client: &mut S,
-    upstream: &mut UpstreamStream,
+    upstream: &mut U,
     mut relay: StartupRelay,
     target: impl Fn(BackendKeyData) -> CancelTarget,
     moved: &mut Transferred,
 ) -> Result<Option<Registration>, SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut from_client = BytesMut::with_capacity(1024);
     let mut out = Vec::with_capacity(4096);
     let mut registration = None;
     let mut server_error: Option<ServerError> = None;
+    // The client's gs2 flag, once seen (see `pgwire::channel_binding`).
+    let mut gs2_flag: Option<u8> = None;
     // The node's first answer is already in the relay's buffer.
     let mut have_bytes = true;
     loop {
         if have_bytes {
             let mut ready = false;
+            let mut mark = out.len();
             while let Some(event) = relay.next(&mut out).map_err(SessionError::Upstream)? {
+                if let Event::Error(e) = &event
+                    && gs2_flag == Some(b'y')
+                    && relay.stripped_scram_plus()
+                {
+                    out.truncate(mark);
+                    out.extend_from_slice(&channel_binding::with_hint(e));
+                    tracing::warn!(
+                        "the server refused channel_binding=prefer from a TLS client; the client was told to set channel_binding=disable"
+                    );
+                }
                 match event {
                     Event::ServerKey(server_key) => {
                         let (proxy_key, reg) = ctx.cancels.register(target(server_key));
@@ -447,6 +610,7 @@ where
                     }
                     _ => {}
                 }
+                mark = out.len();
             }
             if ready {
                 // Anything the server sent after ReadyForQuery goes on verbatim.
@@ -470,6 +634,7 @@ where
                     Err(e) => Err(SessionError::StartupBroken {
                         node: String::new(),
                         what: format!("broke the connection during the startup: {e}"),
+                        timed_out: e.kind() == std::io::ErrorKind::TimedOut,
                     }),
                     ok => ok.map_err(SessionError::Io),
                 };
@@ -480,6 +645,7 @@ where
                         None => SessionError::StartupBroken {
                             node: String::new(),
                             what: "closed the connection during the startup".to_owned(),
+                            timed_out: false,
                         },
                     });
                 }
@@ -489,6 +655,7 @@ where
                 if read? == 0 {
                     return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                 }
+                gs2_flag = gs2_flag.or_else(|| channel_binding::gs2_flag(&from_client));
                 upstream.write_all(&from_client).await?;
                 upstream.flush().await?;
                 moved.to_upstream += from_client.len() as u64;
@@ -503,15 +670,31 @@ where
 async fn handle_cancel(
     ctx: &SessionContext,
     cancel: &crate::pgwire::frontend::CancelRequest,
+    source: CancelSource,
     admitted: bool,
 ) {
     let outcome = if admitted {
-        ctx.cancels.forward(cancel, &ctx.config.upstream).await
+        ctx.cancels
+            .forward(cancel, source, &ctx.config.upstream)
+            .await
     } else {
         CancelOutcome::Denied
     };
     metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
     tracing::debug!(outcome = outcome.as_str(), "cancel request");
+}
+
+/// Whether the Unix-socket peer with `uid` may start a session as `user`.
+/// A peer whose credentials could not be read may not.
+async fn peer_permits(peer_users: &PeerUsers, uid: Option<u32>, user: &str) -> bool {
+    let Some(uid) = uid else {
+        return false;
+    };
+    let identity = PeerIdentity {
+        uid,
+        name: peer::user_name(uid).await,
+    };
+    peer_users.permits(&identity, user)
 }
 
 /// Tells the client why, counts it, logs it.
@@ -527,12 +710,25 @@ where
         SessionError::Protocol(ProtocolError::Closed) => {
             tracing::debug!(outcome, "client closed before sending a startup packet");
         }
-        SessionError::Denied => tracing::info!(outcome, error = %e, "client denied"),
+        SessionError::Denied | SessionError::PeerDenied => {
+            tracing::info!(outcome, error = %e, "client denied");
+        }
         _ => tracing::warn!(outcome, error = %e, "session refused"),
     }
     if let Some((code, text)) = e.client_error() {
-        let _ = client.write_all(&fatal(code, &text)).await;
+        let answer = match &e {
+            // A protocol-1 or -2 client reads only a protocol-2 error, as
+            // PostgreSQL sends it (0.0 gets the protocol-3 form there too).
+            SessionError::Protocol(ProtocolError::UnsupportedVersion { major: 1 | 2, .. }) => {
+                fatal_v2(&text)
+            }
+            _ => fatal(code, &text),
+        };
+        let _ = client.write_all(&answer).await;
         let _ = client.flush().await;
     }
     let _ = client.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,19 +4,19 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{SessionContext, SessionError};
 use crate::metrics::RetryReason;
 use crate::pgwire::startup::{FirstAnswer, ServerError, StartupRelay};
 use crate::routing::{self, Node};
-use crate::upstream::{self, UpstreamError, UpstreamStream};
+use crate::upstream::{self, Dialer, UpstreamError};
 
 /// A node that took the session: connected, StartupMessage sent, and its
 /// first answer was not a refusal.
-pub(super) struct Opened {
+pub(super) struct Opened<S> {
     pub(super) node: Arc<Node>,
-    pub(super) connection: upstream::Connection,
+    pub(super) connection: upstream::Connection<S>,
     /// Holds the node's first answer, not yet relayed.
     pub(super) relay: StartupRelay,
     /// StartupMessage (and what the client pipelined behind it) sent.
@@ -53,7 +53,12 @@ impl std::fmt::Display for Attempt {
 /// `upstream.startup_timeout`. Nothing of the session has happened on a node
 /// that refused it, so the client never sees the refusal. Every outcome is
 /// reported to the router.
-pub(super) async fn open(ctx: &SessionContext, startup: &[u8]) -> Result<Opened, SessionError> {
+pub(super) async fn open<D: Dialer>(
+    ctx: &SessionContext,
+    dialer: &D,
+    startup: &[u8],
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Opened<D::Stream>, SessionError> {
     let mut failures = Vec::new();
     let upstream_cfg = &ctx.config.upstream;
     for node in ctx
@@ -63,7 +68,7 @@ pub(super) async fn open(ctx: &SessionContext, startup: &[u8]) -> Result<Opened,
         .take(routing::MAX_ATTEMPTS)
     {
         let _dialing = ctx.router.dial_started(&node);
-        let mut connection = match upstream::connect(&node.config, upstream_cfg).await {
+        let mut connection = match dialer.dial(&node.config, upstream_cfg, tls).await {
             Ok(connection) => connection,
             Err(e) => {
                 node.metrics.upstream_error(e.kind());
@@ -132,8 +137,8 @@ pub(super) async fn open(ctx: &SessionContext, startup: &[u8]) -> Result<Opened,
 
 /// Sends the StartupMessage and reads until the node's first answer is whole
 /// (or it closes: `Pending`).
-async fn first_answer(
-    upstream: &mut UpstreamStream,
+async fn first_answer<U: AsyncRead + AsyncWrite + Unpin>(
+    upstream: &mut U,
     relay: &mut StartupRelay,
     startup: &[u8],
 ) -> Result<FirstAnswer, String> {

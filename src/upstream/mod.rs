@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::Future;
+
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -29,12 +31,51 @@ use crate::tls::{self, ALPN_POSTGRESQL, Negotiation};
 pub type UpstreamStream = TlsStream<TcpStream>;
 
 /// What a successful dial produced.
-pub struct Connection {
-    pub stream: UpstreamStream,
+pub struct Connection<S = UpstreamStream> {
+    pub stream: S,
     /// The address actually dialed (cancel requests go to the same one).
     pub addr: SocketAddr,
     /// TCP connect plus TLS handshake.
     pub elapsed: Duration,
+    /// One round trip to the node through the network path: the SSLRequest
+    /// and its answer (or, with direct TLS, the TLS 1.3 handshake, one round
+    /// trip). Unlike the TCP connect it crosses any proxy on the way.
+    pub round_trip: Duration,
+}
+
+/// How sessions reach a node: the seam between the session and the network.
+/// [`TlsDialer`] is the real one (TCP + verified TLS); tests hand the session
+/// in-memory streams instead, so that session-level timeouts run under
+/// paused time.
+pub trait Dialer: Send + Sync {
+    /// The verified session to a node, ready for the StartupMessage.
+    type Stream: AsyncRead + AsyncBufRead + AsyncWrite + Unpin + Send;
+
+    /// Opens a session to `node` with the client configuration `tls` (the
+    /// session user's identity), bounded by `cfg.connect_timeout`.
+    fn dial(
+        &self,
+        node: &NodeConfig,
+        cfg: &UpstreamConfig,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> impl Future<Output = Result<Connection<Self::Stream>, UpstreamError>> + Send;
+}
+
+/// The real dialer: [`connect`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsDialer;
+
+impl Dialer for TlsDialer {
+    type Stream = UpstreamStream;
+
+    fn dial(
+        &self,
+        node: &NodeConfig,
+        cfg: &UpstreamConfig,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> impl Future<Output = Result<Connection, UpstreamError>> + Send {
+        connect(node, cfg, tls)
+    }
 }
 
 /// Why a dial failed. Every variant happens before the StartupMessage is sent,
@@ -127,16 +168,21 @@ impl UpstreamError {
     }
 }
 
-/// Dials `node` and completes the verified TLS handshake, within
+/// Dials `node` and completes the verified TLS handshake with `tls` (the
+/// session user's, from [`crate::tls::ClientIdentities::config_for`]), within
 /// `cfg.connect_timeout` in all.
 ///
 /// # Errors
 /// Any [`UpstreamError`]; the caller moves on to the next node.
-pub async fn connect(node: &NodeConfig, cfg: &UpstreamConfig) -> Result<Connection, UpstreamError> {
+pub async fn connect(
+    node: &NodeConfig,
+    cfg: &UpstreamConfig,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Connection, UpstreamError> {
     connect_with(
         node,
         cfg.negotiation,
-        &cfg.tls,
+        tls,
         cfg.connect_timeout,
         cfg.tcp_user_timeout,
     )
@@ -159,12 +205,13 @@ pub async fn connect_with(
         let addrs = resolve(node).await?;
         let mut last = None;
         for addr in addrs {
-            match dial(node, addr, negotiation, tls, user_timeout).await {
-                Ok(stream) => {
+            match dial_timed(node, addr, negotiation, tls, user_timeout).await {
+                Ok((stream, round_trip)) => {
                     return Ok(Connection {
                         stream,
                         addr,
                         elapsed: started.elapsed(),
+                        round_trip,
                     });
                 }
                 Err(e) => last = Some(e),
@@ -195,6 +242,9 @@ async fn resolve(node: &NodeConfig) -> Result<Vec<SocketAddr>, UpstreamError> {
 }
 
 /// One address: TCP, negotiation, handshake.
+///
+/// # Errors
+/// Any [`UpstreamError`] but `Resolve` and `Timeout`.
 pub async fn dial(
     node: &NodeConfig,
     addr: SocketAddr,
@@ -202,13 +252,31 @@ pub async fn dial(
     tls: &Arc<rustls::ClientConfig>,
     user_timeout: Duration,
 ) -> Result<UpstreamStream, UpstreamError> {
+    dial_timed(node, addr, negotiation, tls, user_timeout)
+        .await
+        .map(|(stream, _)| stream)
+}
+
+/// [`dial`], also returning one round trip's time (see
+/// [`Connection::round_trip`]).
+async fn dial_timed(
+    node: &NodeConfig,
+    addr: SocketAddr,
+    negotiation: Negotiation,
+    tls: &Arc<rustls::ClientConfig>,
+    user_timeout: Duration,
+) -> Result<(UpstreamStream, Duration), UpstreamError> {
     let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| UpstreamError::Connect { addr, source })?;
     tune_socket(&tcp, user_timeout);
+    let mut round_trip = None;
     if negotiation == Negotiation::Postgres {
+        let asked = Instant::now();
         request_tls(&mut tcp).await?;
+        round_trip = Some(asked.elapsed());
     }
+    let handshake_started = Instant::now();
     let name =
         tls::server_name(&node.host).map_err(|source| UpstreamError::Connect { addr, source })?;
     let stream = TlsConnector::from(Arc::clone(tls))
@@ -220,7 +288,10 @@ pub async fn dial(
     {
         return Err(UpstreamError::NoAlpn);
     }
-    Ok(stream)
+    Ok((
+        stream,
+        round_trip.unwrap_or_else(|| handshake_started.elapsed()),
+    ))
 }
 
 /// Sends SSLRequest and reads exactly one byte of answer.

@@ -26,6 +26,9 @@
 //! - [`systemd`]: a real systemd in a throw-away container; [`unit`]: sqlgate
 //!   installed in it as the README says.
 //!
+//! - [`NetNs`] (`netns.rs`): another host (network namespace + veth pair,
+//!   10.77.x.0/24), removed on drop.
+//!
 //! This file holds the constants and the process helpers they share.
 //!
 //! PostgreSQL refuses to run as root, so its programs run as the `postgres`
@@ -82,6 +85,14 @@ const PG_HBA_TRUST: &str = "\
 local     all all                trust
 hostssl   all all 127.0.0.1/32   trust
 hostssl   all all ::1/128        trust
+hostnossl all all all            reject
+";
+/// [`NodeAuth::Cert`]: TLS with a client certificate whose CN is the user.
+const PG_HBA_CERT: &str = "\
+# written by tests/common: TLS + client certificate over TCP
+local     all all                trust
+hostssl   all all 127.0.0.1/32   cert clientcert=verify-full
+hostssl   all all ::1/128        cert clientcert=verify-full
 hostnossl all all all            reject
 ";
 const TEMPLATE_SETTINGS: &str = "
@@ -298,6 +309,7 @@ pub mod fake_node;
 mod gate;
 pub mod http;
 pub mod latency;
+mod netns;
 mod ops;
 mod pg;
 mod pki;
@@ -311,6 +323,7 @@ pub use cancel::*;
 pub use clients::*;
 pub use config::*;
 pub use gate::*;
+pub use netns::NetNs;
 pub use ops::*;
 pub use pg::*;
 pub use pki::*;

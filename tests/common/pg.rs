@@ -11,6 +11,27 @@ pub enum NodeTls {
     Off,
 }
 
+/// `pg_ctl stop -m` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// Waits for sessions to end; refuses new ones (57P03) meanwhile.
+    Smart,
+    /// Ends sessions (57P01) and stops cleanly.
+    Fast,
+    /// Kills everything: crash recovery on the next start.
+    Immediate,
+}
+
+impl ShutdownMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownMode::Smart => "smart",
+            ShutdownMode::Fast => "fast",
+            ShutdownMode::Immediate => "immediate",
+        }
+    }
+}
+
 /// How TCP clients authenticate to a [`PgNode`] (always over TLS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeAuth {
@@ -18,6 +39,9 @@ pub enum NodeAuth {
     Scram,
     /// No password: for hand-built wire-protocol sessions.
     Trust,
+    /// Client certificates only (`cert clientcert=verify-full`), signed by the
+    /// `ca.crt` beside the node's server certificate.
+    Cert,
 }
 
 /// What [`PgNode::start_with`] starts.
@@ -26,6 +50,8 @@ pub struct NodeSpec {
     pub version: PgVersion,
     pub tls: NodeTls,
     pub auth: NodeAuth,
+    /// Extra `postgresql.conf` lines, e.g. `max_connections = 8`.
+    pub settings: String,
 }
 
 impl NodeSpec {
@@ -35,7 +61,15 @@ impl NodeSpec {
             version: PgVersion::V15,
             tls,
             auth: NodeAuth::Scram,
+            settings: String::new(),
         }
+    }
+
+    /// Adds `postgresql.conf` lines (one setting per line).
+    pub fn settings(mut self, settings: &str) -> NodeSpec {
+        self.settings.push_str(settings);
+        self.settings.push('\n');
+        self
     }
 
     pub fn version(mut self, version: PgVersion) -> NodeSpec {
@@ -92,12 +126,24 @@ impl PgNode {
             Duration::from_secs(60),
         );
         let log = dir.path().join("postgres.log");
-        let mut settings_extra = String::new();
+        let mut settings_extra = spec.settings.clone();
         if spec.auth == NodeAuth::Trust {
             let hba = dir.path().join("pg_hba_trust.conf");
             write_file(&hba, PG_HBA_TRUST.as_bytes(), 0o644);
             let hba = hba.to_str().expect("temp dir path is UTF-8");
-            settings_extra = format!("hba_file = {}\n", pg_conf_quote(hba));
+            settings_extra += &format!("hba_file = {}\n", pg_conf_quote(hba));
+        }
+        if let (NodeAuth::Cert, NodeTls::On(files)) = (spec.auth, tls) {
+            let hba = dir.path().join("pg_hba_cert.conf");
+            write_file(&hba, PG_HBA_CERT.as_bytes(), 0o644);
+            let hba = hba.to_str().expect("temp dir path is UTF-8");
+            let ca = files.cert.with_file_name("ca.crt");
+            let ca = ca.to_str().expect("CA path is UTF-8");
+            settings_extra = format!(
+                "hba_file = {}\nssl_ca_file = {}\n",
+                pg_conf_quote(hba),
+                pg_conf_quote(ca)
+            );
         }
         const ATTEMPTS: usize = 5;
         for attempt in 1..=ATTEMPTS {
@@ -147,6 +193,83 @@ impl PgNode {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `pg_ctl stop -m <mode>`; with `wait`, until the server is gone (at most
+    /// 60s), else it returns once the signal is sent (a smart shutdown held
+    /// open by a session). Panics when pg_ctl fails.
+    pub async fn stop(&self, mode: ShutdownMode, wait: bool) {
+        let program = self.version.program("pg_ctl");
+        let data = self.data.clone();
+        tokio::task::spawn_blocking(move || {
+            run_ok(
+                as_postgres(&program)
+                    .args(["stop", "-m", mode.as_str(), if wait { "-w" } else { "-W" }])
+                    .args(["-t", "60", "-D"])
+                    .arg(&data),
+                Duration::from_secs(70),
+            )
+        })
+        .await
+        .expect("pg_ctl stop does not panic");
+    }
+
+    /// Whether the postmaster is running (`pg_ctl status`).
+    pub async fn is_running(&self) -> bool {
+        let program = self.version.program("pg_ctl");
+        let data = self.data.clone();
+        tokio::task::spawn_blocking(move || {
+            run_blocking(
+                as_postgres(&program).args(["status", "-D"]).arg(&data),
+                Duration::from_secs(20),
+            )
+            .is_ok_and(|out| out.status.success())
+        })
+        .await
+        .expect("pg_ctl status does not panic")
+    }
+
+    /// Starts the stopped node again on its port and data directory; with
+    /// `wait`, until it accepts connections (crash recovery included).
+    pub async fn start_again(&self, wait: bool) {
+        let program = self.version.program("pg_ctl");
+        let (data, log) = (self.data.clone(), self.log.clone());
+        tokio::task::spawn_blocking(move || {
+            run_ok(
+                as_postgres(&program)
+                    .args(["start", if wait { "-w" } else { "-W" }, "-t", "60", "-D"])
+                    .arg(&data)
+                    .arg("-l")
+                    .arg(&log),
+                Duration::from_secs(70),
+            )
+        })
+        .await
+        .expect("pg_ctl start does not panic");
+    }
+
+    /// `psql` as the superuser over the unix socket running `sql`, as a child
+    /// process killed on drop: holds a session (and a connection slot) open,
+    /// e.g. with `select pg_sleep(30)`.
+    pub fn admin_session(&self, sql: &str) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new("psql");
+        cmd.args(["-X", "-q", "-h"])
+            .arg(self.socket_dir())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-c", sql])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        clear_libpq_env(&mut cmd);
+        cmd.spawn().expect("spawn psql")
     }
 
     pub fn version(&self) -> PgVersion {

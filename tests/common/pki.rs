@@ -173,6 +173,62 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// A client certificate for SQL user `user` (CN = `user`, or `cn` when
+    /// given), written in CockroachDB's layout to `dir/client.<user>.crt` and
+    /// `dir/client.<user>.key` (mode 0600).
+    pub fn client_cert_in(
+        &self,
+        dir: &Path,
+        user: &str,
+        cn: Option<&str>,
+        validity: Validity,
+    ) -> CertFiles {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
+        params.distinguished_name = common_name(cn.unwrap_or(user));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, validity);
+        let key = KeyPair::generate().expect("generate client key");
+        let cert = params
+            .signed_by(&key, &*self.ca)
+            .expect("sign client certificate");
+        let files = CertFiles {
+            cert: dir.join(format!("client.{user}.crt")),
+            key: dir.join(format!("client.{user}.key")),
+        };
+        write_file(&files.cert, cert.pem().as_bytes(), 0o644);
+        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600);
+        files
+    }
+
+    /// Issues a client certificate (`clientAuth`) with subject CN `cn`, as
+    /// `<stem>.crt` and `<stem>.key` (mode 0600).
+    pub fn issue_client(&self, stem: &str, cn: &str) -> CertFiles {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+        params.distinguished_name = common_name(cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, Validity::Current);
+        let key = KeyPair::generate().expect("generate client key");
+        let cert = params
+            .signed_by(&key, &*self.ca)
+            .expect("sign client certificate");
+        let files = CertFiles {
+            cert: self.dir.path().join(format!("{stem}.crt")),
+            key: self.dir.path().join(format!("{stem}.key")),
+        };
+        write_file(&files.cert, cert.pem().as_bytes(), 0o644);
+        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600);
+        files
+    }
+}
+
 pub(crate) fn common_name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);

@@ -1,0 +1,218 @@
+//! Session pooling (`[pool] mode = "session"`) against real PostgreSQL 15
+//! with SCRAM: server sessions are reused by the next client, only when
+//! clean, without leaking state; sqlgate checks passwords itself; a full pool
+//! waits, then 53300.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{GateConfig, NodeEntry, NodeTls, PgNode, Pki, Sqlgate, connect_app, sqlstate};
+
+async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, body)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
+}
+
+/// A node, and an auth_file in `dir` with the `app` role's SCRAM secret as
+/// PostgreSQL holds it in `pg_authid`.
+async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
+    let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
+    let secret = node
+        .admin_sql("select rolpassword from pg_authid where rolname = 'app'")
+        .await;
+    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
+    let path = dir.join("userlist.txt");
+    std::fs::write(&path, format!("\"app\" \"{}\"\n", secret.trim())).expect("write auth_file");
+    (node, path)
+}
+
+fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path, extra: &str) -> GateConfig {
+    let mut config = GateConfig::new(pki.ca_file(), vec![NodeEntry::localhost(node.port())]);
+    config.extra = format!(
+        "\n[pool]\nmode = \"session\"\nauth_file = {:?}\n{extra}",
+        auth_file.to_str().expect("utf-8 path")
+    );
+    config
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .expect("pg_backend_pid")
+        .get(0)
+}
+
+/// Gives a release (the reset query after the client left) time to finish.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_clients_share_one_backend_without_leaking_state() {
+    let pki = Pki::new("pooling");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, auth_file) = node_and_userlist(&pki, dir.path()).await;
+    let gate = Sqlgate::start(&pooled_config(&pki, &node, &auth_file, "")).await;
+    bounded(Duration::from_secs(60), async {
+        let first = connect_app(gate.addr).await.expect("first client connects");
+        let pid = backend_pid(&first).await;
+        first
+            .batch_execute(
+                "set search_path = leak; create temp table leaked (x int); \
+                 prepare leaked_stmt as select 1; listen leaked_channel; \
+                 begin; declare leaked_cursor cursor with hold for select 1; commit",
+            )
+            .await
+            .expect("state set");
+        drop(first);
+        let mut reused = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let second = connect_app(gate.addr)
+                .await
+                .expect("second client connects");
+            if backend_pid(&second).await == pid {
+                reused = Some(second);
+                break;
+            }
+        }
+        let second = reused.expect("the second client got the first one's backend");
+        let row = second
+            .query_one(
+                "select current_setting('search_path'), \
+                 (select count(*) from pg_prepared_statements where name = 'leaked_stmt'), \
+                 (select count(*) from pg_cursors where name = 'leaked_cursor'), \
+                 (select count(*) from pg_listening_channels()), \
+                 to_regclass('pg_temp.leaked') is null",
+                &[],
+            )
+            .await
+            .expect("inspect state");
+        assert_eq!(row.get::<_, String>(0), "\"$user\", public", "SET is gone");
+        assert_eq!(row.get::<_, i64>(1), 0, "prepared statement is gone");
+        assert_eq!(row.get::<_, i64>(2), 0, "cursor is gone");
+        assert_eq!(row.get::<_, i64>(3), 0, "LISTEN is gone");
+        assert!(row.get::<_, bool>(4), "temp table is gone");
+    })
+    .await;
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_transaction_does_not_hand_its_session_on() {
+    let pki = Pki::new("pooling-dirty");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, auth_file) = node_and_userlist(&pki, dir.path()).await;
+    let gate = Sqlgate::start(&pooled_config(&pki, &node, &auth_file, "")).await;
+    bounded(Duration::from_secs(60), async {
+        let first = connect_app(gate.addr).await.expect("first client connects");
+        let pid = backend_pid(&first).await;
+        first
+            .batch_execute("begin; select 1")
+            .await
+            .expect("in a transaction");
+        drop(first);
+        settle().await;
+        for _ in 0..5 {
+            let next = connect_app(gate.addr).await.expect("next client connects");
+            assert_ne!(backend_pid(&next).await, pid, "a dirty session was reused");
+            let status: String = next
+                .query_one("select 'ok'", &[])
+                .await
+                .expect("query")
+                .get(0);
+            assert_eq!(status, "ok");
+        }
+    })
+    .await;
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_gets_28p01_and_dials_nothing() {
+    let pki = Pki::new("pooling-auth");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, auth_file) = node_and_userlist(&pki, dir.path()).await;
+    let gate = Sqlgate::start(&pooled_config(&pki, &node, &auth_file, "")).await;
+    let before = node.app_sessions_authorized();
+    bounded(Duration::from_secs(30), async {
+        let conninfo = format!(
+            "host={} port={} user=app password=wrong dbname=app connect_timeout=10",
+            gate.addr.ip(),
+            gate.addr.port()
+        );
+        let e = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("a wrong password is refused");
+        assert_eq!(sqlstate(&e), Some("28P01"), "{e}");
+    })
+    .await;
+    assert_eq!(node.app_sessions_authorized(), before, "nothing was dialed");
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_makes_the_client_wait_then_53300() {
+    let pki = Pki::new("pooling-full");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, auth_file) = node_and_userlist(&pki, dir.path()).await;
+    let extra = "max_server_connections = 1\ncheckout_timeout = \"1s\"\n";
+    let gate = Sqlgate::start(&pooled_config(&pki, &node, &auth_file, extra)).await;
+    bounded(Duration::from_secs(60), async {
+        let holder = connect_app(gate.addr).await.expect("first client connects");
+        backend_pid(&holder).await;
+        let started = std::time::Instant::now();
+        let Err(e) = connect_app(gate.addr).await else {
+            panic!("the pool is full")
+        };
+        assert_eq!(sqlstate(&e), Some("53300"), "{e}");
+        let text = e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            text.contains("session pool for this node is full"),
+            "{text}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "it waited checkout_timeout"
+        );
+        drop(holder);
+    })
+    .await;
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_differing_from_the_cluster_gets_a_clear_error() {
+    let pki = Pki::new("pooling-secret");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, _) = node_and_userlist(&pki, dir.path()).await;
+    // A valid secret for password "secret", but another salt than the cluster's.
+    let other = sqlgate::auth::ScramSecret::generate(&sqlgate::auth::Password::new("secret"));
+    let auth_file = dir.path().join("other.txt");
+    std::fs::write(
+        &auth_file,
+        format!("\"app\" \"{}\"\n", other.to_secret_string()),
+    )
+    .expect("write");
+    let gate = Sqlgate::start(&pooled_config(&pki, &node, &auth_file, "")).await;
+    bounded(Duration::from_secs(30), async {
+        let Err(e) = connect_app(gate.addr).await else {
+            panic!("the cluster refuses the proof")
+        };
+        let text = e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert!(text.contains("differs from the cluster"), "{text}");
+    })
+    .await;
+    gate.stop().await;
+}
