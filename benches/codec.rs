@@ -147,3 +147,56 @@ fn relay_post_auth_flight(bencher: Bencher) {
         out
     });
 }
+
+/// One simple-query round trip as the relay sees it: the client's Query, the
+/// server's RowDescription, DataRow, CommandComplete and ReadyForQuery.
+fn round_trip() -> (Vec<u8>, Vec<u8>) {
+    let query = message(b'Q', b"select 1\0");
+    let mut answer = message(
+        b'T',
+        &[
+            0, 1, b'?', b'c', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 23, 0, 4, 255, 255, 255, 255, 0, 0,
+        ],
+    );
+    answer.extend(message(b'D', &[0, 1, 0, 0, 0, 1, b'1']));
+    answer.extend(message(b'C', b"SELECT 1\0"));
+    answer.extend(message(b'Z', b"I"));
+    (query, answer)
+}
+
+/// What the drain's boundary tracker costs the unpooled relay per round
+/// trip (`session::drain::AtRest`, the relay's observer), against the bare
+/// header scan it is built on (`pgwire::boundary::Boundaries`, as session
+/// pooling uses it) and against no observer at all.
+#[divan::bench(args = ["none", "header_scan", "drain_tracker"])]
+fn observe_round_trip(bencher: Bencher, observer: &str) {
+    use sqlgate::pgwire::boundary::Boundaries;
+    use sqlgate::pgwire::startup::TransactionStatus;
+    use sqlgate::relay::{NoObserver, Observer};
+    use sqlgate::session::drain::AtRest;
+    let (query, answer) = round_trip();
+    match observer {
+        "none" => bencher.bench_local(|| {
+            let mut o = NoObserver;
+            let n = o.client_bytes(black_box(&query));
+            o.upstream_bytes(black_box(&answer));
+            (n, o.at_rest())
+        }),
+        "header_scan" => {
+            let mut b = Boundaries::new();
+            bencher.bench_local(move || {
+                let n = b.client.observe(black_box(&query));
+                b.server.observe(black_box(&answer));
+                (n, b.is_clean())
+            });
+        }
+        _ => {
+            let mut o = AtRest::after_ready(TransactionStatus::Idle);
+            bencher.bench_local(move || {
+                let n = o.client_bytes(black_box(&query));
+                o.upstream_bytes(black_box(&answer));
+                (n, o.at_rest())
+            });
+        }
+    }
+}

@@ -412,7 +412,14 @@ fn adopt_inherited(
             .iter()
             .find(|l| same_endpoint(&l.endpoint, &endpoint));
         let allow = match (&endpoint, configured) {
-            (Endpoint::Unix { .. }, _) => None,
+            (Endpoint::Unix { .. }, Some(_)) => None,
+            (Endpoint::Unix { path, .. }, None) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "inherited unix socket matches no [[listen]] path; peer_users does not apply to it (whoever can open it connects)"
+                );
+                None
+            }
             (Endpoint::Tcp(_), Some(l)) => Some(l.allow.clone()),
             (Endpoint::Tcp(addr), None) => {
                 tracing::warn!(

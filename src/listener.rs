@@ -459,7 +459,7 @@ fn spawn_session(
             let mut ctx = (shared.context)(id, listener, kill);
             ctx.peer_uid = uid;
             let (worker, share) = shared.workers.assign();
-            worker.spawn(shared.tracker.track_future(async move {
+            let session = async move {
                 match stream.register() {
                     Ok(stream) => session::serve(ctx, stream, peer).await,
                     Err(e) => {
@@ -469,7 +469,14 @@ fn spawn_session(
                 drop(live);
                 drop(share);
                 drop(permit);
-            }));
+            };
+            // A newcomer during the drain only hears 57P01 (bounded by
+            // `startup_timeout`): the drain does not wait for it.
+            if shared.lifecycle.reached(Phase::Draining) {
+                worker.spawn(session);
+            } else {
+                worker.spawn(shared.tracker.track_future(session));
+            }
         }
         None => {
             let refusal = if shared.lifecycle.reached(Phase::Draining) {
@@ -483,7 +490,8 @@ fn spawn_session(
                 return;
             };
             tracing::warn!(listener = %name, client.addr = ?peer, outcome = refusal.outcome().as_str(), "over max_connections; refusing client");
-            shared.tracker.spawn(async move {
+            // Not tracked: a refusal never holds the drain open.
+            tokio::spawn(async move {
                 if let Ok(stream) = stream.register() {
                     refuse(stream, refusal).await;
                 }

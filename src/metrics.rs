@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -312,8 +313,11 @@ pub fn config_reload(outcome: ReloadOutcome) {
 }
 
 /// Sets `sqlgate_client_cert_expiry_timestamp_seconds` to the soonest expiry
-/// of the client certificates in force (left as it was when there are none).
+/// of the client certificates in force; with none (a reload removed them
+/// all), the series leaves the exposition, as a retired node's do: a stale
+/// expiry would keep an alert on certificates that are gone.
 pub fn client_cert_expiry(soonest: Option<std::time::SystemTime>) {
+    NO_CLIENT_CERTS.store(soonest.is_none(), Ordering::Relaxed);
     if let Some(at) = soonest {
         let secs = at
             .duration_since(std::time::UNIX_EPOCH)
@@ -321,6 +325,10 @@ pub fn client_cert_expiry(soonest: Option<std::time::SystemTime>) {
         metrics::gauge!(CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS).set(secs);
     }
 }
+
+/// No client certificates are in force: `sqlgate_client_cert_expiry_timestamp_seconds`
+/// is not exported (the recorder cannot forget a series; the rendering skips it).
+static NO_CLIENT_CERTS: AtomicBool = AtomicBool::new(false);
 
 /// Histogram buckets of `sqlgate_session_duration_seconds`: sessions last from
 /// milliseconds (a health check) to hours (a pool's connection).
@@ -583,17 +591,32 @@ pub fn retire_node(node: &str, retired: bool) {
     }
 }
 
-/// The exposition text without the series of retired nodes.
+/// The exposition text without the series of retired nodes, nor the client
+/// certificate expiry when no client certificate is in force.
 fn without_retired(text: &str) -> String {
     let nodes = RETIRED_NODES.lock().unwrap_or_else(PoisonError::into_inner);
-    if nodes.is_empty() {
+    let no_client_certs = NO_CLIENT_CERTS.load(Ordering::Relaxed);
+    if nodes.is_empty() && !no_client_certs {
         return text.to_owned();
     }
     let labels: Vec<String> = nodes.iter().map(|n| format!("node=\"{n}\"")).collect();
     text.lines()
         .filter(|line| line.starts_with('#') || !labels.iter().any(|l| line.contains(l.as_str())))
+        .filter(|line| {
+            !(no_client_certs && names_metric(line, CLIENT_CERT_EXPIRY_TIMESTAMP_SECONDS))
+        })
         .flat_map(|line| [line, "\n"])
         .collect()
+}
+
+/// Whether an exposition line is a sample, `# HELP` or `# TYPE` of `metric`.
+fn names_metric(line: &str, metric: &str) -> bool {
+    let name = line
+        .strip_prefix("# HELP ")
+        .or_else(|| line.strip_prefix("# TYPE "))
+        .unwrap_or(line);
+    name.strip_prefix(metric)
+        .is_some_and(|rest| rest.starts_with([' ', '{']))
 }
 
 /// One HTTP answer; pure apart from rendering the registry.
@@ -658,6 +681,30 @@ mod tests {
             without_retired(text),
             text,
             "a node added back is shown again"
+        );
+    }
+
+    #[test]
+    fn client_cert_expiry_leaves_the_exposition_when_no_certificate_is_left() {
+        let text = "# HELP sqlgate_client_cert_expiry_timestamp_seconds When.\n\
+                    # TYPE sqlgate_client_cert_expiry_timestamp_seconds gauge\n\
+                    sqlgate_client_cert_expiry_timestamp_seconds 3471292800\n\
+                    # TYPE sqlgate_upstream_cert_expiry_timestamp_seconds gauge\n\
+                    sqlgate_upstream_cert_expiry_timestamp_seconds{node=\"a:1\"} 1\n";
+        client_cert_expiry(None);
+        let shown = without_retired(text);
+        client_cert_expiry(Some(
+            std::time::UNIX_EPOCH + Duration::from_secs(3_471_292_800),
+        ));
+        assert_eq!(
+            shown,
+            "# TYPE sqlgate_upstream_cert_expiry_timestamp_seconds gauge\n\
+             sqlgate_upstream_cert_expiry_timestamp_seconds{node=\"a:1\"} 1\n"
+        );
+        assert_eq!(
+            without_retired(text),
+            text,
+            "certificates again: shown again"
         );
     }
 }

@@ -56,6 +56,14 @@ pub fn run(path: &Path) -> i32 {
     // A DNS lookup that never answers must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     print!("{}", render(&reports, SystemTime::now()));
+    if config.pool.is_on() {
+        // This command runs apart from the daemon: it knows no live pool.
+        println!(
+            "pool: mode=session, max_server_connections={} per node; live pool state is the \
+             running daemon's (metric sqlgate_pool_server_sessions{{node,state}})",
+            config.pool.max_server_connections
+        );
+    }
     if reports.iter().any(NodeReport::is_reachable) {
         0
     } else {

@@ -13,8 +13,12 @@
 //! - **Prompt close.** When one side closes, the other side's write half is shut
 //!   down (TLS close_notify, TCP FIN) and the relay waits at most
 //!   [`CLOSE_GRACE`] for the other direction to finish.
+//! - **Stop at rest.** [`relay_until_rest`] also ends, once a stop signal has
+//!   come (sqlgate's drain), as soon as its [`Observer`] says the session is at
+//!   rest and both directions are idle and flushed: the caller may then close
+//!   both sides cleanly.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -71,6 +75,11 @@ pub trait Observer {
     }
     /// Upstream bytes the client took.
     fn upstream_bytes(&mut self, _data: &[u8]) {}
+    /// Whether the session is between messages with nothing asked and not
+    /// answered: [`relay_until_rest`] may end there once stopped.
+    fn at_rest(&self) -> bool {
+        false
+    }
     /// Whether the upstream's write half is shut down when the client's
     /// direction ends. `false` keeps the server session open (pooling); the
     /// relay then ends as soon as the client's direction does.
@@ -90,7 +99,19 @@ impl<O: Observer + ?Sized> Observer for &mut O {
     fn upstream_bytes(&mut self, data: &[u8]) {
         (**self).upstream_bytes(data);
     }
+    fn at_rest(&self) -> bool {
+        (**self).at_rest()
+    }
     const CLOSES_UPSTREAM: bool = O::CLOSES_UPSTREAM;
+}
+
+/// How [`relay_until_rest`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// This side closed first (as [`relay_counted`] returns).
+    Closed(Side),
+    /// Stopped at rest: both sides are open, idle and flushed.
+    AtRest,
 }
 
 /// Bytes moved each way.
@@ -155,25 +176,74 @@ where
     U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
     O: Observer,
 {
+    let never = std::pin::pin!(std::future::pending::<()>());
+    match relay_until_rest(client, upstream, moved, observer, never).await? {
+        Ended::Closed(side) => Ok(side),
+        Ended::AtRest => unreachable!("a relay that is never stopped never stops at rest"),
+    }
+}
+
+/// [`relay_observed`], which also ends once `stop` has completed and the
+/// session is at rest ([`Observer::at_rest`], both directions waiting for
+/// their reader and flushed): then it returns [`Ended::AtRest`] with both
+/// sides open, and the caller closes them. Until `stop` completes it is the
+/// plain relay; `stop` is polled alongside where the caller pinned it.
+///
+/// # Errors
+/// The first I/O error on either side, with the side whose socket failed.
+pub async fn relay_until_rest<C, U, O, F>(
+    client: &mut C,
+    upstream: &mut U,
+    moved: &mut Transferred,
+    observer: &mut O,
+    mut stop: Pin<&mut F>,
+) -> Result<Ended, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
+    O: Observer,
+    F: Future<Output = ()>,
+{
     let mut to_upstream = FromClient::default();
     let mut to_client = FromUpstream::default();
-    // Polls both directions once, records the counts, and says which have ended.
-    let mut step = |cx: &mut Context<'_>| -> Result<(bool, bool), RelayError> {
+    let mut stopped = false;
+    // Polls both directions once, records the counts, and says which have
+    // ended (or `None`: stopped at rest).
+    let mut step = |cx: &mut Context<'_>| -> Result<Option<(bool, bool)>, RelayError> {
         let up = to_upstream.poll(cx, &mut *client, &mut *upstream, &mut *observer);
         let down = to_client.poll(cx, &mut *upstream, &mut *client, &mut *observer);
         *moved = Transferred {
             to_upstream: to_upstream.state.moved,
             to_client: to_client.state.moved,
         };
-        Ok((up?.is_ready(), down?.is_ready()))
+        let ended = (up?.is_ready(), down?.is_ready());
+        if !stopped {
+            stopped = stop.as_mut().poll(cx).is_ready();
+        }
+        if stopped
+            && ended == (false, false)
+            && to_upstream.state.resting()
+            && to_upstream.pending.is_empty()
+            && to_client.state.resting()
+            && observer.at_rest()
+        {
+            return Ok(None);
+        }
+        Ok(Some(ended))
     };
 
     // Until one direction has ended (EOF read and the peer's write half shut).
-    let (client_done, _) = poll_fn(|cx| match step(cx) {
-        Ok((false, false)) => Poll::Pending,
-        other => Poll::Ready(other),
+    let (client_done, _) = match poll_fn(|cx| match step(cx) {
+        Ok(Some((false, false))) => Poll::Pending,
+        Ok(None) => Poll::Ready(Ok(None)),
+        Ok(Some(ended)) => Poll::Ready(Ok(Some(ended))),
+        Err(e) => Poll::Ready(Err(e)),
     })
-    .await?;
+    .await?
+    {
+        Some(ended) => ended,
+        None => return Ok(Ended::AtRest),
+    };
     let first = if client_done {
         Side::Client
     } else {
@@ -181,19 +251,19 @@ where
     };
     if client_done && !O::CLOSES_UPSTREAM {
         // The server session stays open: nothing to wait for.
-        return Ok(first);
+        return Ok(Ended::Closed(first));
     }
 
     // Then, briefly, for the other one.
     let rest = poll_fn(|cx| match step(cx) {
-        Ok((true, true)) => Poll::Ready(Ok(())),
+        Ok(Some((true, true))) => Poll::Ready(Ok(())),
         Ok(_) => Poll::Pending,
         Err(e) => Poll::Ready(Err(e)),
     });
     if let Ok(ended) = tokio::time::timeout(CLOSE_GRACE, rest).await {
         ended?;
     }
-    Ok(first)
+    Ok(Ended::Closed(first))
 }
 
 /// What both directions track.
@@ -207,9 +277,16 @@ struct State {
     read_eof: bool,
     /// The writer is shut down: this direction is over.
     done: bool,
+    /// The last poll found the reader with nothing to give.
+    waiting: bool,
 }
 
 impl State {
+    /// Waiting for its reader, with everything written flushed.
+    fn resting(&self) -> bool {
+        self.waiting && !self.needs_flush && !self.read_eof
+    }
+
     /// Writes as much of `data` as the writer takes now; `Ready(n)` with the
     /// count, or `Pending` when it took nothing.
     fn poll_write<W>(
@@ -335,9 +412,11 @@ impl FromClient {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Client)(e))),
                 Poll::Pending => {
+                    self.state.waiting = true;
                     return self.state.poll_idle(cx, writer).map_err(on(Side::Upstream));
                 }
             }
+            self.state.waiting = false;
             let mut data = buf.filled();
             if data.is_empty() {
                 self.state.read_eof = true;
@@ -394,9 +473,11 @@ impl FromUpstream {
                 Poll::Ready(Ok(data)) => data,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(on(Side::Upstream)(e))),
                 Poll::Pending => {
+                    self.state.waiting = true;
                     return self.state.poll_idle(cx, writer).map_err(on(Side::Client));
                 }
             };
+            self.state.waiting = false;
             if data.is_empty() {
                 self.state.read_eof = true;
                 continue;

@@ -11,7 +11,7 @@ use common::*;
 
 /// The file of a CA certificate valid until `days` from now (and its PKI, to keep it).
 fn ca_expiring_in(days: u64) -> Pki {
-    Pki::with_ca_validity("check-expiry", Validity::EndsInDays(days))
+    Pki::with_ca_validity("check-expiry", Validity::ExpiresInDays(days))
 }
 
 fn check_warnings(pki: &Pki) -> Vec<String> {

@@ -32,7 +32,7 @@ async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
 fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path, extra: &str) -> GateConfig {
     let mut config = GateConfig::new(pki.ca_file(), vec![NodeEntry::localhost(node.port())]);
     config.extra = format!(
-        "\n[pool]\nmode = \"session\"\nauth_file = {:?}\n{extra}",
+        "\n[pool]\nmode = \"session\"\nmin_idle = 0\nauth_file = {:?}\n{extra}",
         auth_file.to_str().expect("utf-8 path")
     );
     config

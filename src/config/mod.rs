@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod cert_warnings;
 mod pool;
 mod raw;
 
@@ -624,104 +625,16 @@ impl Config {
                 .iter()
                 .map(ToString::to_string),
         );
-        out.extend(expiry_warnings(
+        out.extend(cert_warnings::ca_expiry(
             &self.upstream.ca_file,
             std::time::SystemTime::now(),
         ));
-        out.extend(client_cert_warnings(self, std::time::SystemTime::now()));
+        out.extend(cert_warnings::client_certs(
+            self,
+            std::time::SystemTime::now(),
+        ));
         out
     }
-}
-
-/// Client certificates of `certs_dir` near their end or with a CN that is not
-/// their user; and TCP listeners that let more than this host use them.
-fn client_cert_warnings(config: &Config, now: std::time::SystemTime) -> Vec<String> {
-    let certs = config.upstream.identities.certificates();
-    let mut out = Vec::new();
-    for c in certs {
-        if let Some(cn) = &c.cn_mismatch {
-            out.push(format!(
-                "client certificate {} has CN {cn:?}, not its user {:?}; the cluster may refuse it",
-                c.cert_file.display(),
-                c.user
-            ));
-        }
-        if let Ok(left) = c.not_after.duration_since(now)
-            && left <= EXPIRY_WARNING
-        {
-            out.push(format!(
-                "client certificate of user {} ({}) expires in {} days (at {}); renew it",
-                c.user,
-                c.cert_file.display(),
-                left.as_secs() / 86_400,
-                humantime::format_rfc3339_seconds(c.not_after)
-            ));
-        }
-    }
-    if !certs.is_empty() {
-        for l in &config.listeners {
-            if let Endpoint::Tcp(addr) = l.endpoint
-                && !addr.ip().is_loopback()
-                && !l
-                    .allow
-                    .nets()
-                    .iter()
-                    .all(|n| n.network().is_loopback() && n.broadcast().is_loopback())
-            {
-                out.push(format!(
-                    "certs_dir holds client certificates and listener {addr} admits more than loopback: anyone it admits connects with those identities; use loopback or a Unix socket with peer_users"
-                ));
-            }
-        }
-    }
-    out
-}
-
-use crate::tls::EXPIRY_WARNING;
-
-/// A warning for each certificate in the PEM file at `path` that has expired
-/// or expires within [`EXPIRY_WARNING`] of `now`.
-fn expiry_warnings(path: &Path, now: std::time::SystemTime) -> Vec<String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let Ok(certs) = CertificateDer::pem_file_iter(path) else {
-        return Vec::new();
-    };
-    let now_unix = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut out = Vec::new();
-    for der in certs.flatten() {
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
-            continue;
-        };
-        let Ok(not_after) = u64::try_from(cert.validity().not_after.timestamp()) else {
-            out.push(format!(
-                "CA certificate {:?} in {} has expired",
-                cert.subject().to_string(),
-                path.display()
-            ));
-            continue;
-        };
-        let ends = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_secs(not_after),
-        );
-        if not_after <= now_unix {
-            out.push(format!(
-                "CA certificate {:?} in {} expired at {ends}",
-                cert.subject().to_string(),
-                path.display()
-            ));
-        } else if not_after - now_unix <= EXPIRY_WARNING.as_secs() {
-            out.push(format!(
-                "CA certificate {:?} in {} expires in {} days (at {ends}); renew it",
-                cert.subject().to_string(),
-                path.display(),
-                (not_after - now_unix) / 86_400
-            ));
-        }
-    }
-    out
 }
 
 fn validate_listeners(

@@ -252,12 +252,55 @@ impl Boundaries {
     /// between messages, every Query/Sync answered with a ReadyForQuery, the
     /// last one `I`, no COPY, no extended-protocol message waiting for a Sync.
     pub fn is_clean(&self) -> bool {
-        self.server.at_boundary()
-            && self.client.at_boundary()
-            && self.server.status() == Some(TransactionStatus::Idle)
-            && self.server.copy() == Copy::None
-            && self.client.unsynced == 0
-            && self.client.syncs() == self.server.readies()
+        self.dirty().is_none()
+    }
+
+    /// Why the server session may not serve another client, or `None` when
+    /// it may (see [`Boundaries::is_clean`]).
+    pub fn dirty(&self) -> Option<Dirty> {
+        if self.server.framer.broken || self.client.framer.broken {
+            return Some(Dirty::Broken);
+        }
+        if self.server.copy() != Copy::None {
+            return Some(Dirty::Copy);
+        }
+        if !self.server.at_boundary()
+            || !self.client.at_boundary()
+            || self.client.unsynced != 0
+            || self.client.syncs() != self.server.readies()
+        {
+            return Some(Dirty::InFlight);
+        }
+        match self.server.status() {
+            Some(TransactionStatus::Idle) => None,
+            _ => Some(Dirty::Transaction),
+        }
+    }
+}
+
+/// Why a session is not clean: the log line's reason when sqlgate closes a
+/// pooled server session instead of reusing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dirty {
+    /// The last ReadyForQuery said `T` or `E`.
+    Transaction,
+    /// COPY in either direction was under way.
+    Copy,
+    /// A query, a result, a message or an unsynced extended-protocol batch
+    /// was still on its way.
+    InFlight,
+    /// A stream stopped being the protocol.
+    Broken,
+}
+
+impl Dirty {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dirty::Transaction => "its client left inside a transaction",
+            Dirty::Copy => "its client left mid-COPY",
+            Dirty::InFlight => "its client left mid-query or with unread results",
+            Dirty::Broken => "the session stopped speaking the protocol",
+        }
     }
 }
 
@@ -390,6 +433,24 @@ mod tests {
             ),
         ];
         assert!(!cases.is_empty());
+        let dirty_as = |client: &[u8], server: &[u8]| {
+            let mut b = Boundaries::new();
+            b.client.observe(client);
+            b.server.observe(server);
+            b.dirty()
+        };
+        assert_eq!(
+            dirty_as(&query("begin"), &cat(&[msg(b'C', b"BEGIN\0"), ready(b'T')])),
+            Some(Dirty::Transaction)
+        );
+        assert_eq!(
+            dirty_as(&query("copy t to stdout"), &msg(b'H', &[0, 0, 0])),
+            Some(Dirty::Copy)
+        );
+        assert_eq!(
+            dirty_as(&query("select pg_sleep(9)"), &[]),
+            Some(Dirty::InFlight)
+        );
         for (what, client, server, clean) in &cases {
             for split in 0..=client.len().max(server.len()) {
                 assert_eq!(

@@ -12,7 +12,7 @@
 //! How a server session is opened and reset is the session layer's
 //! (`session/pooled.rs`); this module only keeps them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use crate::config::{NodeId, PoolConfig};
 use crate::metrics as m;
 use crate::pgwire::backend::BackendKeyData;
+pub use crate::pgwire::boundary::Dirty;
 use crate::pgwire::frontend::StartupMessage;
 use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
@@ -70,8 +71,15 @@ impl PoolKey {
 /// Why a server session was closed (the log line's `why`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// Its client left inside a transaction, COPY or query.
-    Dirty,
+    /// Its client left inside a transaction, COPY or query (which one: the
+    /// boundary tracker's verdict).
+    Dirty(Dirty),
+    /// The server ended the session (e.g. `pg_terminate_backend`, a FATAL).
+    ServerClosed,
+    /// The relay broke on the client's or the server's socket.
+    RelayFailed,
+    /// sqlgate cut its client (allowlist change, end of the drain's grace).
+    Killed,
     /// The reset query failed or did not finish.
     ResetFailed,
     Lifetime,
@@ -89,7 +97,10 @@ pub enum CloseReason {
 impl CloseReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            CloseReason::Dirty => "client left mid-transaction, mid-COPY or mid-query",
+            CloseReason::Dirty(d) => d.as_str(),
+            CloseReason::ServerClosed => "the server ended the session",
+            CloseReason::RelayFailed => "the relay failed on a socket",
+            CloseReason::Killed => "sqlgate cut its client",
             CloseReason::ResetFailed => "reset_query failed",
             CloseReason::Lifetime => "server_lifetime reached",
             CloseReason::IdleTimeout => "server_idle_timeout reached",
@@ -175,6 +186,8 @@ struct NodePool {
 #[derive(Default)]
 struct Inner {
     nodes: HashMap<NodeId, NodePool>,
+    /// Keys a warm-up task is filling (`min_idle`), one task per key.
+    warming: HashSet<PoolKey>,
     /// sqlgate drains: nothing goes back to the pool.
     closing: bool,
 }
@@ -300,6 +313,11 @@ impl Pool {
     /// Puts a clean, reset session back; closed instead when sqlgate drains.
     pub fn release(&self, mut session: ServerSession, mut slot: Slot) {
         session.idle_since = Instant::now();
+        tracing::debug!(
+            server_session = session.id,
+            node = %session.node.id(),
+            "pooled server session back in the pool (its client left cleanly, reset_query done)"
+        );
         let mut inner = self.lock();
         if inner.closing {
             drop(inner);
@@ -321,6 +339,62 @@ impl Pool {
     /// Idle sessions per node (for `sqlgate check`-style output and tests).
     pub fn idle_count(&self) -> usize {
         self.lock().nodes.values().map(|n| n.idle.len()).sum()
+    }
+
+    /// Idle sessions of `key` on `node` (a warm-up's measure).
+    pub fn idle_for(&self, key: &PoolKey, node: &NodeId) -> usize {
+        self.lock()
+            .nodes
+            .get(node)
+            .map_or(0, |n| n.idle.iter().filter(|s| s.key == *key).count())
+    }
+
+    /// The right to open one more session on `node`, only if it is below
+    /// `max_server_connections` (a warm-up never evicts nor waits).
+    pub fn reserve(self: &Arc<Self>, node: &NodeId, max: usize) -> Option<Slot> {
+        let mut inner = self.lock();
+        if inner.closing {
+            return None;
+        }
+        let pool = inner.nodes.entry(node.clone()).or_default();
+        if pool.total >= max {
+            return None;
+        }
+        pool.total += 1;
+        drop(inner);
+        Some(self.slot(node))
+    }
+
+    /// Claims the warm-up of `key`; `false` when a task already fills it.
+    pub fn start_warming(&self, key: &PoolKey) -> bool {
+        self.lock().warming.insert(key.clone())
+    }
+
+    /// Ends the claim [`Pool::start_warming`] took.
+    pub fn stop_warming(&self, key: &PoolKey) {
+        self.lock().warming.remove(key);
+    }
+
+    /// Closes every idle session on `node` at once (it refused a session:
+    /// it drains or shuts down, and idle sessions would hold it up).
+    pub fn close_node(&self, node: &NodeId) -> usize {
+        let mut inner = self.lock();
+        let closing = match inner.nodes.get_mut(node) {
+            Some(pool) => {
+                pool.total -= pool.idle.len().min(pool.total);
+                std::mem::take(&mut pool.idle)
+            }
+            None => Vec::new(),
+        };
+        drop(inner);
+        let closed = closing.len();
+        for s in closing {
+            close(s, CloseReason::NodeUnavailable);
+        }
+        if closed > 0 {
+            self.freed.notify_waiters();
+        }
+        closed
     }
 
     /// Closes idle sessions that aged out or whose node is down or draining,

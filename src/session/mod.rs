@@ -29,6 +29,7 @@ use crate::routing::{Node, Router};
 use crate::shutdown::{Phase, PhaseWatch};
 use crate::tls_server::{self, ClientTlsError};
 
+pub mod drain;
 mod open;
 mod pooled;
 
@@ -109,6 +110,8 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("session closed by sqlgate (allowlist changed or shutdown)")]
     Killed,
+    #[error("closed by sqlgate's drain at an idle boundary (57P01)")]
+    Drained,
 }
 
 fn describe_failures(failures: &[(Arc<Node>, Attempt)]) -> String {
@@ -137,6 +140,7 @@ impl SessionError {
             SessionError::Protocol(ProtocolError::Closed)
             | SessionError::Io(_)
             | SessionError::Killed
+            | SessionError::Drained
             | SessionError::Relay(_) => return None,
             // As PostgreSQL (ProcessStartupPacket): what it only logs
             // (COMMERROR) gets a silent close, counted and logged here.
@@ -389,6 +393,7 @@ fn session_end(result: &Result<Side, SessionError>) -> SessionEnd {
         Ok(Side::Client) => (EndedBy::Client, EndOutcome::Closed),
         Ok(Side::Upstream) => (EndedBy::Upstream, EndOutcome::Closed),
         Err(SessionError::Killed) => (EndedBy::Sqlgate, EndOutcome::Killed),
+        Err(SessionError::Drained) => (EndedBy::Sqlgate, EndOutcome::Closed),
         Err(SessionError::Relay(e)) => (
             match e.side {
                 Side::Client => EndedBy::Client,
@@ -492,8 +497,8 @@ where
         }
         () = ctx.killed() => Err(SessionError::Killed),
     };
-    let registration = match startup_result {
-        Ok(registration) => registration,
+    let (registration, mut at_rest) = match startup_result {
+        Ok(ready) => ready,
         Err(SessionError::Upstream(e)) => {
             let e = SessionError::StartupBroken {
                 node: node.id().to_string(),
@@ -515,13 +520,20 @@ where
         Err(e) => return (count_bytes(in_startup), Err(e)),
     };
 
+    // The drain closes the session at its first idle boundary; until then
+    // (a transaction, a query in flight) it keeps the drain's grace.
     let mut relayed = Transferred::default();
+    let draining = std::pin::pin!(ctx.lifecycle.wait_for(Phase::Draining));
     let ended = tokio::select! {
-        r = relay::relay_counted(client, &mut upstream, &mut relayed) => Some(r),
+        r = relay::relay_until_rest(client, &mut upstream, &mut relayed, &mut at_rest, draining) => Some(r),
         () = ctx.killed() => None,
     };
     let result = match ended {
-        Some(Ok(side)) => Ok(side),
+        Some(Ok(relay::Ended::Closed(side))) => Ok(side),
+        Some(Ok(relay::Ended::AtRest)) => {
+            drain::close_at_rest(client, &mut upstream).await;
+            Err(SessionError::Drained)
+        }
         Some(Err(e)) => {
             if e.side == Side::Upstream && e.source.kind() != std::io::ErrorKind::UnexpectedEof {
                 // A broken connection to the node counts against it.
@@ -569,7 +581,7 @@ async fn startup_relay<S, U>(
     mut relay: StartupRelay,
     target: impl Fn(BackendKeyData) -> CancelTarget,
     moved: &mut Transferred,
-) -> Result<Option<Registration>, SessionError>
+) -> Result<(Option<Registration>, drain::AtRest), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     U: AsyncRead + AsyncWrite + Unpin + Send,
@@ -582,6 +594,7 @@ where
     let mut gs2_flag: Option<u8> = None;
     // The node's first answer is already in the relay's buffer.
     let mut have_bytes = true;
+    let mut at_rest = None;
     loop {
         if have_bytes {
             let mut ready = false;
@@ -604,7 +617,8 @@ where
                         StartupRelay::write_key(&mut out, &proxy_key);
                     }
                     Event::Error(e) => server_error = Some(e),
-                    Event::Ready(_) => {
+                    Event::Ready(status) => {
+                        at_rest = Some(drain::AtRest::after_ready(status));
                         ready = true;
                         break;
                     }
@@ -614,15 +628,20 @@ where
             }
             if ready {
                 // Anything the server sent after ReadyForQuery goes on verbatim.
-                out.extend_from_slice(&std::mem::take(&mut relay).into_rest());
+                let rest = std::mem::take(&mut relay).into_rest();
+                if let Some(at_rest) = &mut at_rest {
+                    at_rest.server_sent(&rest);
+                }
+                out.extend_from_slice(&rest);
             }
             client.write_all(&out).await?;
             moved.to_client += out.len() as u64;
             out.clear();
-            if ready {
+            if let Some(mut at_rest) = at_rest.take() {
                 upstream.write_all(&from_client).await?;
                 moved.to_upstream += from_client.len() as u64;
-                return Ok(registration);
+                at_rest.client_sent(&from_client);
+                return Ok((registration, at_rest));
             }
             have_bytes = false;
         }

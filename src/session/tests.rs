@@ -21,17 +21,70 @@ use crate::upstream::{Connection, UpstreamError};
 /// How the in-memory node behaves after it reads the StartupMessage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Node {
-    /// AuthenticationOk, ReadyForQuery, then holds the session open (echoing
-    /// nothing) until the other side closes.
+    /// AuthenticationOk, ReadyForQuery, then answers simple queries until
+    /// the other side closes (see [`answer_queries`]).
     Serve,
     /// Never answers.
     Silent,
 }
 
-/// Dials in-memory nodes and counts the dials.
+/// Dials in-memory nodes and counts the dials and the Terminates they got.
 struct MemoryDialer {
     node: Node,
     dials: Arc<AtomicUsize>,
+    terminates: Arc<AtomicUsize>,
+}
+
+/// A backend message.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The node's side of a session after its ReadyForQuery: each Query gets a
+/// CommandComplete and a ReadyForQuery (`begin` opens a transaction, `commit`
+/// ends it, `sleep N` answers after N seconds); Terminate is counted.
+async fn answer_queries(node: &mut DuplexStream, terminates: &AtomicUsize) {
+    let mut status = b'I';
+    loop {
+        let mut header = [0u8; 5];
+        if node.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        if node.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        match header[0] {
+            b'X' => {
+                terminates.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            b'Q' => {
+                let sql = String::from_utf8_lossy(&body)
+                    .trim_end_matches('\0')
+                    .to_owned();
+                if let Some(secs) = sql.strip_prefix("sleep ") {
+                    let secs = secs.parse().expect("sleep N");
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                }
+                status = match sql.as_str() {
+                    "begin" => b'T',
+                    "commit" => b'I',
+                    _ => status,
+                };
+                let mut answer = message(b'C', b"OK\0");
+                answer.extend(message(b'Z', &[status]));
+                if node.write_all(&answer).await.is_err() {
+                    return;
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Dialer for MemoryDialer {
@@ -47,6 +100,7 @@ impl Dialer for MemoryDialer {
         self.dials.fetch_add(1, Ordering::Relaxed);
         let (ours, mut theirs) = duplex(64 * 1024);
         let node = self.node;
+        let terminates = Arc::clone(&self.terminates);
         tokio::spawn(async move {
             let mut len = [0u8; 4];
             if theirs.read_exact(&mut len).await.is_err() {
@@ -62,6 +116,7 @@ impl Dialer for MemoryDialer {
                 if theirs.write_all(&hello).await.is_err() {
                     return;
                 }
+                return answer_queries(&mut theirs, &terminates).await;
             }
             // Hold the session until sqlgate closes it.
             let mut sink = Vec::new();
@@ -147,6 +202,7 @@ fn dialer(node: Node) -> (MemoryDialer, Arc<AtomicUsize>) {
         MemoryDialer {
             node,
             dials: Arc::clone(&dials),
+            terminates: Arc::new(AtomicUsize::new(0)),
         },
         dials,
     )
@@ -230,6 +286,13 @@ async fn a_drain_refuses_newcomers_with_57p01_and_cuts_the_rest_when_its_grace_e
     let session = tokio::spawn(async move { serve_with(ctx, ours, None, &dialer).await });
     let mut ready = [0u8; 15];
     running.read_exact(&mut ready).await.expect("ready");
+    running.write_all(&query("begin")).await.expect("begin");
+    let mut in_transaction = [0u8; 14];
+    running
+        .read_exact(&mut in_transaction)
+        .await
+        .expect("BEGIN");
+    assert_eq!(in_transaction[13], b'T');
 
     f.lifecycle.drain();
     let (mut newcomer, theirs) = duplex(4096);
@@ -248,7 +311,10 @@ async fn a_drain_refuses_newcomers_with_57p01_and_cuts_the_rest_when_its_grace_e
     );
 
     tokio::time::sleep(Duration::from_secs(25)).await;
-    assert!(!session.is_finished(), "a running session keeps its grace");
+    assert!(
+        !session.is_finished(),
+        "a session in a transaction keeps its grace"
+    );
     f.lifecycle.advance(Phase::Cutting);
     tokio::time::timeout(Duration::from_secs(1), session)
         .await
@@ -276,4 +342,129 @@ async fn a_client_that_closes_ends_the_session_within_the_close_grace_though_the
         "ended within the close grace: {:?}",
         started.elapsed()
     );
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
+/// Splits what the client got into (tag, body) messages.
+fn messages(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while wire.len() >= 5 {
+        let len = u32::from_be_bytes([wire[1], wire[2], wire[3], wire[4]]) as usize;
+        out.push((wire[0], wire[5..1 + len].to_vec()));
+        wire = &wire[1 + len..];
+    }
+    assert!(wire.is_empty(), "whole messages only: {wire:?}");
+    out
+}
+
+/// A session through to its first ReadyForQuery; its task and the dialer's
+/// Terminate count.
+async fn ready_session(
+    f: &Fixture,
+) -> (DuplexStream, tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+    let (mut client, ours) = duplex(4096);
+    let (dialer, _) = dialer(Node::Serve);
+    let terminates = Arc::clone(&dialer.terminates);
+    client.write_all(&startup_message()).await.expect("startup");
+    let ctx = f.ctx.clone();
+    let session = tokio::spawn(async move { serve_with(ctx, ours, None, &dialer).await });
+    let mut ready = [0u8; 15];
+    client.read_exact(&mut ready).await.expect("ready");
+    assert_eq!(&ready[9..], &[b'Z', 0, 0, 0, 5, b'I']);
+    (client, session, terminates)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_closes_an_idle_session_at_once_with_57p01_and_terminates_the_server_session() {
+    let f = fixture("");
+    let (mut client, session, terminates) = ready_session(&f).await;
+    client.write_all(&query("select 1")).await.expect("query");
+    let mut answer = [0u8; 14];
+    client.read_exact(&mut answer).await.expect("answer");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        !session.is_finished(),
+        "idle sessions live on while serving"
+    );
+
+    f.lifecycle.drain();
+    tokio::time::timeout(Duration::from_millis(100), session)
+        .await
+        .expect("an idle session is closed at once")
+        .expect("no panic");
+    let (got, code) = client_sees(&mut client).await;
+    assert_eq!(code.as_deref(), Some("57P01"), "{got:?}");
+    let got = messages(&got);
+    assert_eq!(got.len(), 1, "only the FATAL, then the close: {got:?}");
+    assert!(String::from_utf8_lossy(&got[0].1).contains("FATAL"));
+    tokio::task::yield_now().await;
+    assert_eq!(
+        terminates.load(Ordering::Relaxed),
+        1,
+        "the node got Terminate"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_lets_a_transaction_finish_and_closes_the_session_after_its_commit() {
+    let f = fixture("");
+    let (mut client, session, terminates) = ready_session(&f).await;
+    client.write_all(&query("begin")).await.expect("begin");
+    let mut begun = [0u8; 14];
+    client.read_exact(&mut begun).await.expect("BEGIN");
+
+    f.lifecycle.drain();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!session.is_finished(), "a transaction keeps the grace");
+    client
+        .write_all(&query("select 1"))
+        .await
+        .expect("more work");
+    let mut more = [0u8; 14];
+    client.read_exact(&mut more).await.expect("still served");
+    assert_eq!(more[13], b'T');
+    client.write_all(&query("commit")).await.expect("commit");
+    tokio::time::timeout(Duration::from_millis(100), session)
+        .await
+        .expect("closed as soon as the commit is answered")
+        .expect("no panic");
+    let (got, code) = client_sees(&mut client).await;
+    let got = messages(&got);
+    assert_eq!(
+        got.iter().map(|(tag, _)| *tag).collect::<Vec<_>>(),
+        [b'C', b'Z', b'E'],
+        "the commit's answer whole, then the FATAL: {got:?}"
+    );
+    assert_eq!(got[1].1, b"I");
+    assert_eq!(code.as_deref(), Some("57P01"));
+    tokio::task::yield_now().await;
+    assert_eq!(terminates.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_lets_a_query_in_flight_finish_and_deliver_its_answer() {
+    let f = fixture("");
+    let (mut client, session, _) = ready_session(&f).await;
+    client.write_all(&query("sleep 20")).await.expect("query");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.lifecycle.drain();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(!session.is_finished(), "a query in flight keeps the grace");
+    tokio::time::timeout(Duration::from_secs(10), session)
+        .await
+        .expect("closed once the answer is out")
+        .expect("no panic");
+    let (got, code) = client_sees(&mut client).await;
+    let got = messages(&got);
+    assert_eq!(
+        got.iter().map(|(tag, _)| *tag).collect::<Vec<_>>(),
+        [b'C', b'Z', b'E'],
+        "{got:?}"
+    );
+    assert_eq!(code.as_deref(), Some("57P01"));
 }

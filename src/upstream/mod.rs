@@ -343,18 +343,54 @@ pub fn classify_handshake_error(e: io::Error) -> UpstreamError {
 /// TCP_USER_TIMEOUT, so that data a vanished node never acknowledges ends the
 /// session after `user_timeout` instead of the kernel's ~15 minutes of
 /// retransmissions.
+///
+/// Keepalive follows `user_timeout` (see [`keepalive_for`]): a session
+/// waiting on a node that vanished with nothing in flight (a long query, an
+/// idle session) ends within `user_timeout` plus one probe interval, as one
+/// with unacknowledged data does.
 pub fn tune_socket(tcp: &TcpStream, user_timeout: Duration) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10));
+    let (time, interval) = keepalive_for(user_timeout);
+    let keepalive = TcpKeepalive::new().with_time(time).with_interval(interval);
     let socket = SockRef::from(tcp);
     if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }
     if let Err(e) = socket.set_tcp_user_timeout(Some(user_timeout)) {
         tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
+/// Keepalive idle time and probe interval for a socket with
+/// TCP_USER_TIMEOUT `user_timeout`: the first probe after half of it (at
+/// most 60 s, at least 1 s), then one every third of that (at least 1 s).
+/// With TCP_USER_TIMEOUT set, Linux drops the connection at the first
+/// keepalive probe sent once nothing was heard for `user_timeout`, so a
+/// silent node is given up after `user_timeout` + one interval at most.
+pub fn keepalive_for(user_timeout: Duration) -> (Duration, Duration) {
+    let time = (user_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let interval = (time / 3).max(Duration::from_secs(1));
+    (time, interval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_follows_the_user_timeout_within_bounds() {
+        let s = Duration::from_secs;
+        let cases = [
+            (s(60), (s(30), s(10))),
+            (s(2), (s(1), s(1))),
+            (Duration::from_millis(500), (s(1), s(1))),
+            (s(600), (s(60), s(20))),
+        ];
+        assert!(!cases.is_empty());
+        for (user_timeout, want) in cases {
+            assert_eq!(keepalive_for(user_timeout), want, "{user_timeout:?}");
+        }
     }
 }

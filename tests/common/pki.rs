@@ -20,8 +20,8 @@ pub enum Validity {
     Expired,
     /// 2090-01-01 to 2099-01-01.
     NotYetValid,
-    /// 2020-01-01 to this many days from now (for expiry warnings).
-    EndsInDays(u64),
+    /// 2020-01-01 to this many days from now (to the second).
+    ExpiresInDays(u64),
 }
 
 /// PEM files of one certificate and its private key.
@@ -240,7 +240,15 @@ pub(crate) fn set_validity(params: &mut CertificateParams, validity: Validity) {
         Validity::Current => ((2020, 1, 1), (2080, 1, 1)),
         Validity::Expired => ((2000, 1, 1), (2001, 1, 1)),
         Validity::NotYetValid => ((2090, 1, 1), (2099, 1, 1)),
-        Validity::EndsInDays(days) => ((2020, 1, 1), date_in_days(days)),
+        Validity::ExpiresInDays(days) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970");
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1)
+                + Duration::from_secs(now.as_secs() + days * 86_400);
+            return;
+        }
     };
     params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
     params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
@@ -249,15 +257,4 @@ pub(crate) fn set_validity(params: &mut CertificateParams, validity: Validity) {
 pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) {
     fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     set_mode(path, mode);
-}
-
-/// The UTC date `days` from now, as (year, month, day).
-fn date_in_days(days: u64) -> (i32, u8, u8) {
-    let end = std::time::SystemTime::now() + Duration::from_secs(days * 86_400);
-    let stamp = humantime::format_rfc3339_seconds(end).to_string();
-    (
-        stamp[0..4].parse().expect("year"),
-        stamp[5..7].parse().expect("month"),
-        stamp[8..10].parse().expect("day"),
-    )
 }

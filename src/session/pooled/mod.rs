@@ -13,25 +13,27 @@
 //! credential here yet: the seam is [`open_session`]'s `credential`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::SessionContext;
-use crate::auth::{
-    ClientStep, Credential, ScramClient, ScramClientError, ScramServer, ServerStep, UserEntry,
-};
+use crate::auth::{Credential, ScramClientError, ScramServer, ServerStep, UserEntry};
 use crate::cancel::CancelTarget;
+use crate::metrics::{EndOutcome, EndedBy, SessionEnd};
 use crate::pgwire::backend::{self, tag};
 use crate::pgwire::boundary::Boundaries;
 use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::StartupMessage;
-use crate::pgwire::startup::{Event, ServerError, StartupRelay};
+use crate::pgwire::startup::{ServerError, StartupRelay};
 use crate::pool::{self, CloseReason, Lease, PoolKey, ServerSession, Slot};
-use crate::relay::{self, Observer, Transferred};
+use crate::relay::{self, Observer, RelayError, Side, Transferred};
 use crate::routing::{self, Node};
-use crate::upstream::{self, UpstreamError};
+
+mod server;
+
+use server::{alive, open_session, round_trip};
 
 /// Largest SASL message sqlgate takes from a client (PostgreSQL's
 /// `PG_MAX_AUTH_TOKEN_LENGTH` is 65535).
@@ -54,6 +56,10 @@ enum PooledError {
     Upstream(ScramClientError),
     #[error("the node refused the session: {} {}", .0.code, .0.message)]
     Refused(ServerError),
+    #[error("{0}")]
+    Relay(RelayError),
+    #[error("session closed by sqlgate (allowlist changed or shutdown)")]
+    Killed,
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -84,7 +90,8 @@ impl Observer for Tracker<'_> {
     const CLOSES_UPSTREAM: bool = false;
 }
 
-/// Runs a pooled session to its end and writes its summary line.
+/// Runs a pooled session to its end and writes its summary line, counted in
+/// `sqlgate_session_ends_total` as the unpooled path counts its own.
 pub(super) async fn run<S>(
     ctx: &SessionContext,
     client: &mut S,
@@ -107,24 +114,59 @@ pub(super) async fn run<S>(
     super::count_bytes(moved);
     let duration = started.elapsed();
     metrics::histogram!(crate::metrics::SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
-    let (outcome, error) = match &result {
-        Ok(()) => ("closed", None),
-        Err(e) => ("error", Some(e)),
-    };
+    let end = session_end(&result);
+    end.record();
     tracing::info!(
         duration_ms = duration.as_millis() as u64,
         bytes.to_upstream = moved.to_upstream,
         bytes.to_client = moved.to_client,
         pooled = true,
-        outcome,
-        error = error.map(tracing::field::display),
+        ended_by = end.ended_by.as_str(),
+        outcome = end.outcome.as_str(),
+        error = result.as_ref().err().map(tracing::field::display),
         "session ended"
     );
 }
 
+/// Who ended a pooled session, and how. Failures before the relay are
+/// sqlgate's when sqlgate decided them (a wrong password, a full pool), the
+/// node's when it refused or could not be reached.
+fn session_end(result: &Result<Side, PooledError>) -> SessionEnd {
+    let (ended_by, outcome) = match result {
+        Ok(Side::Client) => (EndedBy::Client, EndOutcome::Closed),
+        Ok(Side::Upstream) => (EndedBy::Upstream, EndOutcome::Closed),
+        Err(PooledError::Killed) => (EndedBy::Sqlgate, EndOutcome::Killed),
+        Err(PooledError::Relay(e)) => (
+            match e.side {
+                Side::Client => EndedBy::Client,
+                Side::Upstream => EndedBy::Upstream,
+            },
+            match e.source.kind() {
+                std::io::ErrorKind::TimedOut => EndOutcome::Timeout,
+                std::io::ErrorKind::UnexpectedEof => EndOutcome::Closed,
+                _ => EndOutcome::Error,
+            },
+        ),
+        Err(PooledError::ClientGone) => (EndedBy::Client, EndOutcome::Closed),
+        Err(PooledError::ClientProtocol | PooledError::Io(_)) => {
+            (EndedBy::Client, EndOutcome::Error)
+        }
+        Err(PooledError::Auth(_)) => (EndedBy::Sqlgate, EndOutcome::Error),
+        Err(PooledError::PoolFull(_)) => (EndedBy::Sqlgate, EndOutcome::Timeout),
+        Err(PooledError::NoNode(_) | PooledError::Upstream(_)) => {
+            (EndedBy::Upstream, EndOutcome::Error)
+        }
+        Err(PooledError::Refused(_)) => (EndedBy::Upstream, EndOutcome::Closed),
+    };
+    SessionEnd { ended_by, outcome }
+}
+
 fn client_error(e: &PooledError) -> Option<Vec<u8>> {
     let (code, text) = match e {
-        PooledError::ClientGone | PooledError::Io(_) => return None,
+        PooledError::ClientGone
+        | PooledError::Io(_)
+        | PooledError::Relay(_)
+        | PooledError::Killed => return None,
         // Already sent by `authenticate` (it knows the user name).
         PooledError::Auth(_) => return None,
         PooledError::ClientProtocol => (
@@ -157,7 +199,7 @@ async fn serve<S>(
     leftover: BytesMut,
     entry: UserEntry,
     moved: &mut Transferred,
-) -> Result<(), PooledError>
+) -> Result<Side, PooledError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -173,8 +215,9 @@ where
     let (auth_messages, client_key) = authenticate(client, &mut from_client, &entry, &user).await?;
     let credential = entry.upstream_credential(client_key);
 
-    // checkout
+    // checkout, then keep `min_idle` warm for the next client of this key
     let (mut session, slot) = checkout(ctx, &key, &startup, &credential, client).await?;
+    server::warm_up(ctx, &key, &startup, &credential);
     let span = tracing::Span::current();
     span.record("node", session.node.id().as_str());
     span.record("region", session.node.config.region.as_str());
@@ -223,26 +266,36 @@ where
     };
     moved.to_upstream += relayed.to_upstream;
     moved.to_client += relayed.to_client;
-    let clean = matches!(ended, Some(Ok(_))) && boundaries.is_clean();
     if ended.is_none() {
         registration.cancel_server_query(&ctx.config.upstream).await;
     }
     drop(registration);
-    if clean {
-        let pool = Arc::clone(&ctx.pool);
-        let reset_query = pool_cfg.reset_query.clone();
-        let limit = ctx.config.upstream.startup_timeout;
-        tokio::spawn(async move {
-            match tokio::time::timeout(limit, round_trip(&mut session, &reset_query)).await {
-                Ok(Ok(())) => pool.release(session, slot),
-                _ => pool::close(session, CloseReason::ResetFailed),
-            }
-        });
-    } else {
-        pool::close(session, CloseReason::Dirty);
-        drop(slot);
+
+    // release when the client left a clean session, else close it
+    let (result, unfit) = match ended {
+        Some(Ok(Side::Client)) => (Ok(Side::Client), boundaries.dirty().map(CloseReason::Dirty)),
+        Some(Ok(Side::Upstream)) => (Ok(Side::Upstream), Some(CloseReason::ServerClosed)),
+        Some(Err(e)) => (Err(PooledError::Relay(e)), Some(CloseReason::RelayFailed)),
+        None => (Err(PooledError::Killed), Some(CloseReason::Killed)),
+    };
+    match unfit {
+        None => {
+            let pool = Arc::clone(&ctx.pool);
+            let reset_query = pool_cfg.reset_query.clone();
+            let limit = ctx.config.upstream.startup_timeout;
+            tokio::spawn(async move {
+                match tokio::time::timeout(limit, round_trip(&mut session, &reset_query)).await {
+                    Ok(Ok(())) => pool.release(session, slot),
+                    _ => pool::close(session, CloseReason::ResetFailed),
+                }
+            });
+        }
+        Some(why) => {
+            pool::close(session, why);
+            drop(slot);
+        }
     }
-    Ok(())
+    result
 }
 
 /// Reads one client message (tag, body), at most [`MAX_SASL_MESSAGE`] long.
@@ -384,218 +437,4 @@ where
     } else {
         failures.join("; ")
     }))
-}
-
-/// Whether an idle session can be used: nothing unexpected arrived on it
-/// (zero cost), and when it has been idle long, it answers an empty query.
-async fn alive(session: &mut ServerSession) -> bool {
-    match tokio::time::timeout(Duration::ZERO, session.stream.fill_buf()).await {
-        Err(_) => {}
-        // EOF, an error, or bytes nobody asked for (a FATAL on termination).
-        Ok(_) => return false,
-    }
-    if session.idle_since.elapsed() < pool::LIVENESS_CHECK_AFTER {
-        return true;
-    }
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), round_trip(session, "")).await,
-        Ok(Ok(()))
-    )
-}
-
-/// Sends `query` as a simple Query and reads to its ReadyForQuery, keeping
-/// the ParameterStatus values it reports. `Ok` only for no error and `I`.
-async fn round_trip(session: &mut ServerSession, query: &str) -> Result<(), String> {
-    let mut msg = vec![b'Q'];
-    msg.extend_from_slice(&(query.len() as u32 + 5).to_be_bytes());
-    msg.extend_from_slice(query.as_bytes());
-    msg.push(0);
-    session
-        .stream
-        .write_all(&msg)
-        .await
-        .map_err(|e| e.to_string())?;
-    session.stream.flush().await.map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(512);
-    let mut failed = false;
-    loop {
-        while let Some(m) = backend::split_message(&mut buf).map_err(|e| e.to_string())? {
-            match m.tag {
-                tag::PARAMETER_STATUS => {
-                    let mut parts = m.body.split(|&b| b == 0);
-                    if let (Some(n), Some(v)) = (parts.next(), parts.next()) {
-                        session.set_param(
-                            String::from_utf8_lossy(n).into_owned(),
-                            String::from_utf8_lossy(v).into_owned(),
-                        );
-                    }
-                }
-                tag::ERROR_RESPONSE => failed = true,
-                tag::READY_FOR_QUERY => {
-                    return if !failed && m.body.as_ref() == b"I" {
-                        Ok(())
-                    } else {
-                        Err("the query failed or left a transaction open".into())
-                    };
-                }
-                _ => {}
-            }
-        }
-        if session
-            .stream
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?
-            == 0
-        {
-            return Err("the server closed the session".into());
-        }
-    }
-}
-
-/// Dials `node`, sends the StartupMessage and logs in with `credential`
-/// (PBKDF2 for a password runs on the blocking pool), up to ReadyForQuery.
-async fn open_session(
-    ctx: &SessionContext,
-    node: &Arc<Node>,
-    startup: &StartupMessage,
-    key: &PoolKey,
-    credential: Credential,
-) -> Result<ServerSession, OpenError> {
-    let started = Instant::now();
-    let upstream_cfg = &ctx.config.upstream;
-    let _dialing = ctx.router.dial_started(node);
-    // The user's client certificate (certs_dir) rides along; pooled sessions
-    // authenticate with SCRAM.
-    let user = String::from_utf8_lossy(startup.param("user").unwrap_or_default()).into_owned();
-    let tls = upstream_cfg.identities.config_for(&user);
-    let connection = match upstream::connect(&node.config, upstream_cfg, &tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            node.metrics.upstream_error(e.kind());
-            let reason = e.advice(&upstream_cfg.ca_file);
-            if matches!(e, UpstreamError::TlsRefused('E')) {
-                ctx.router.node_refused(node, &reason);
-            } else {
-                ctx.router.dial_failed(node, &reason);
-            }
-            return Err(OpenError::Retry(reason));
-        }
-    };
-    ctx.router.dial_succeeded(node);
-    node.metrics
-        .connect_seconds
-        .record(connection.elapsed.as_secs_f64());
-    let upstream::Connection {
-        mut stream, addr, ..
-    } = connection;
-    let io =
-        |e: std::io::Error| OpenError::Retry(format!("connection failed during the startup: {e}"));
-    stream.write_all(&startup.encode()).await.map_err(io)?;
-    stream.flush().await.map_err(io)?;
-
-    let is_password = matches!(credential, Credential::Password(_));
-    let mut scram = Some(ScramClient::new(credential));
-    let mut relay = StartupRelay::new();
-    let mut out = Vec::with_capacity(1024);
-    let mut params = Vec::new();
-    let mut negotiate = Vec::new();
-    let mut server_key = None;
-    loop {
-        while let Some(event) = relay
-            .next(&mut out)
-            .map_err(|e| OpenError::Retry(format!("broke the protocol: {e}")))?
-        {
-            match event {
-                Event::AuthenticationRequest(_) | Event::AuthenticationOk => {
-                    let body = out.get(5..).unwrap_or_default().to_vec();
-                    let Some(mut c) = scram.take() else {
-                        return Err(OpenError::Auth(ScramClientError::Ended));
-                    };
-                    let step = if is_password {
-                        let joined = tokio::task::spawn_blocking(move || {
-                            let step = c.receive(&body);
-                            (c, step)
-                        })
-                        .await
-                        .map_err(|e| OpenError::Retry(format!("login task failed: {e}")))?;
-                        c = joined.0;
-                        joined.1
-                    } else {
-                        c.receive(&body)
-                    };
-                    match step.map_err(OpenError::Auth)? {
-                        ClientStep::Send(bytes) => {
-                            stream.write_all(&bytes).await.map_err(io)?;
-                            stream.flush().await.map_err(io)?;
-                        }
-                        ClientStep::Verified | ClientStep::Authenticated => {}
-                    }
-                    scram = Some(c);
-                }
-                Event::ParameterStatus { name, value } => params.push((name, value)),
-                Event::ServerKey(k) => server_key = Some(k),
-                Event::Error(e) => {
-                    if e.is_node_unavailable() {
-                        ctx.router
-                            .node_refused(node, &format!("{} {}", e.code, e.message));
-                        return Err(OpenError::Retry(format!(
-                            "refused the session: {} {}",
-                            e.code, e.message
-                        )));
-                    }
-                    if !e.before_auth
-                        && let Some(c) = &scram
-                        && matches!(
-                            relay.phase(),
-                            crate::pgwire::startup::StartupPhase::Authenticating
-                        )
-                    {
-                        return Err(OpenError::Auth(c.server_rejected(&e.code)));
-                    }
-                    return Err(OpenError::Server(e, out));
-                }
-                Event::Other(tag::NEGOTIATE_PROTOCOL_VERSION) => negotiate.extend_from_slice(&out),
-                Event::Ready(_) => {
-                    ctx.router.node_accepted(node);
-                    let Some(server_key) = server_key else {
-                        return Err(OpenError::Retry("sent no BackendKeyData".into()));
-                    };
-                    let id = ctx.pool.next_id();
-                    tracing::info!(
-                        server_session = id,
-                        node = %node.id(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "pooled server session opened"
-                    );
-                    let now = Instant::now();
-                    return Ok(ServerSession {
-                        id,
-                        node: Arc::clone(node),
-                        addr,
-                        stream,
-                        server_key,
-                        tls: Arc::clone(&tls),
-                        params,
-                        negotiate,
-                        key: key.clone(),
-                        opened: now,
-                        expires: pool::Pool::expiry(&ctx.config.pool),
-                        idle_since: now,
-                    });
-                }
-                Event::Other(_) => {}
-            }
-            out.clear();
-        }
-        match stream.read_buf(relay.buffer()).await {
-            Ok(0) => {
-                return Err(OpenError::Retry(
-                    "closed the connection during the startup".into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
 }
