@@ -15,7 +15,6 @@ use common::fake_node::{
     Behaviour, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml, own_fd_count,
     raw_startup, simple_query,
 };
-use common::wait_until;
 use common::{Gate, debug_gate};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -59,17 +58,12 @@ async fn settle_fds(gate: &Gate, target: usize, limit: Duration) -> usize {
     }
 }
 
-/// Runs the warm-up session and waits (bounded) until the daemon's fd count
-/// is back where it was before it: the session's sockets are closed.
+/// Runs the warm-up session and gives its sockets time to close before the
+/// baseline is read (no single event marks the end: the daemon may keep
+/// other sockets of its own, so the fd count need not return to where it was).
 async fn warm_up(gate: &Gate) {
-    let idle = gate.fd_count();
     served(gate).await;
-    wait_until(
-        Duration::from_secs(10),
-        "the warm-up session's sockets close",
-        || async { gate.fd_count() <= idle },
-    )
-    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 /// How far above its baseline the daemon's RSS may stay once the load is gone.
