@@ -7,16 +7,14 @@
 
 mod common;
 
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::bounded;
 use common::{BackendMessage, NodeTls, PgNode, Pki, clear_libpq_env, parse_error_fields, wire};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use sqlgate::auth::messages::split_message;
 use sqlgate::auth::{
     ClientKey, ClientStep, Credential, Password, ScramClient, ScramClientError, ScramSecret,
@@ -29,12 +27,6 @@ use tokio_rustls::client::TlsStream;
 
 const USER: &str = "pooled";
 const PASSWORD: &str = "pencil";
-
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
 
 /// A PostgreSQL 15 node (TLS, SCRAM) with role `pooled`, password `pencil`,
 /// and that role's SCRAM secret as `pg_authid` holds it.
@@ -103,33 +95,18 @@ async fn tls_connect(node: &PgNode, pki: &Pki) -> TlsStream<TcpStream> {
         .await
         .expect("answer to SSLRequest");
     assert_eq!(answer[0], b'S');
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(pki.ca_file()).expect("read CA") {
-        roots.add(cert.expect("parse CA")).expect("add CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(pki.client_config())
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
         .expect("verified TLS handshake")
 }
 
+/// One message; EOF is an error here.
 async fn read_message(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<BackendMessage> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    let len = usize::try_from(len.saturating_sub(4)).expect("u32 fits usize");
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    Ok(BackendMessage {
-        tag: header[0],
-        body,
-    })
+    let (tag, body) = common::read_message(stream)
+        .await?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    Ok(BackendMessage { tag, body })
 }
 
 /// Opens a server session as [`USER`] with `credential`, the way a pool

@@ -6,14 +6,13 @@
 //! a child process; certificates are made at test time.
 
 mod common;
-mod ops_support;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::Gate;
 use common::{Pki, SQLGATE, Validity};
-use ops_support::Gate;
 
 /// notAfter of `Validity::Current`: 2080-01-01T00:00:00Z.
 const CURRENT_NOT_AFTER: u64 = 3_471_292_800;

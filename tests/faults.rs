@@ -2,20 +2,21 @@
 //! skip TLS close_notify, present bad certificates or refuse TLS, each in
 //! front of the real sqlgate binary. Every wait is bounded.
 
-mod fault_support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use fault_support::{
-    Behaviour, Daemon, FakeNode, Node, PRE_TLS_SECRET, SessionEnd, StartupResult, TestCa, Validity,
+use common::fake_node::{
+    Behaviour, FakeNode, Node, PRE_TLS_SECRET, SessionEnd, StartupResult, TestCa, Validity,
     config_toml, raw_startup, simple_query, time_to_end,
 };
+use common::{Gate, debug_gate};
 use tokio::io::AsyncWriteExt;
 
 const STEP: Duration = Duration::from_secs(15);
 
-async fn daemon(ca: &TestCa, nodes: &[Node], connect_timeout: &str) -> Daemon {
-    Daemon::start(&config_toml(&ca.ca_file, nodes, connect_timeout, ""), None).await
+async fn daemon(ca: &TestCa, nodes: &[Node], connect_timeout: &str) -> Gate {
+    debug_gate(&config_toml(&ca.ca_file, nodes, connect_timeout, ""), None).await
 }
 
 #[tokio::test]
@@ -139,7 +140,7 @@ async fn reset_mid_copy_ends_the_client_promptly() {
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::ResetInCopy), ca.good()).await;
     let gate = daemon(&ca, &[Node::localhost(node.addr, "near")], "5s").await;
     let mut s = raw_startup(gate.addr, STEP).await.expect_ready();
-    let query = fault_support::message(b'Q', b"copy t to stdout\0");
+    let query = common::fake_node::message(b'Q', b"copy t to stdout\0");
     s.write_all(&query).await.expect("send copy");
     let took = time_to_end(&mut s, STEP)
         .await
@@ -180,7 +181,7 @@ async fn assert_certificate_refused(
     reason: &[&str],
 ) {
     let node = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), tls).await;
-    let gate = Daemon::start(
+    let gate = debug_gate(
         &config_toml(
             &trusted.ca_file,
             &[Node {
@@ -273,7 +274,7 @@ async fn server_answering_e_to_sslrequest_gives_08004_and_its_text_is_not_relaye
     let mut raw = tokio::net::TcpStream::connect(gate.addr)
         .await
         .expect("connect");
-    raw.write_all(&fault_support::startup_message())
+    raw.write_all(&common::fake_node::startup_message())
         .await
         .expect("startup");
     let mut everything = Vec::new();

@@ -11,18 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::bounded;
 use common::{APP_DB, APP_PASSWORD, APP_USER, NodeTls, PgNode, Pki, connect_app, free_port, psql};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const SQLGATE: &str = env!("CARGO_BIN_EXE_sqlgate");
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
-
-/// Fails the test if `body` takes longer than `limit`.
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
 
 /// Runs a program with stdin closed and the libpq variables removed; bounded.
 async fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -4,12 +4,11 @@
 //! handshake. A real PostgreSQL 15 node behind a user-space delay relay.
 
 mod common;
-mod latency;
 
 use std::time::Duration;
 
+use common::latency::LatencyRelay;
 use common::{GateConfig, NodeEntry, NodeTls, PgNode, Pki};
-use latency::LatencyRelay;
 
 /// Milliseconds of the `sqlgate nodes` column named `column` in `line`.
 fn column_ms(header: &str, line: &str, column: &str) -> f64 {

@@ -10,21 +10,18 @@
 //! loopback port, with its data in a temporary directory.
 
 mod common;
-mod ops_support;
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::bounded;
+use common::http::try_http_get as http_get;
+use common::{Gate, Process};
 use common::{GateConfig, NodeEntry, NodeTls, PgNode, Pki, connect_app, free_port};
-use ops_support::{Gate, Process};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// The host's region in these tests (`routing.region`, and the scrape target's
@@ -34,13 +31,6 @@ const REGION: &str = "us-east1";
 const SCRAPE_INTERVAL: &str = "200ms";
 /// How long any one expectation on Prometheus's view may take to come true.
 const SETTLE: Duration = Duration::from_secs(20);
-
-/// Fails the test if `body` takes longer than `limit`.
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
 
 fn rules_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/prometheus")
@@ -296,33 +286,6 @@ impl Prometheus {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-/// `GET path` over HTTP/1.0, so that the answer is never chunked (Prometheus
-/// chunks HTTP/1.1 answers past 2 KiB); returns status and body.
-async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        io::Result::Ok(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer within 10s"))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no header end"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no status"))?;
-    Ok((status, body.to_owned()))
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.

@@ -13,15 +13,14 @@
 #![allow(clippy::duplicate_mod)]
 
 mod common;
-mod fault_support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::fake_node::{Behaviour, FakeNode};
 use common::*;
-use fault_support::{Behaviour, FakeNode};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 

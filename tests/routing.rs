@@ -7,21 +7,24 @@
 //! (`inet_server_port()`: every node listens on its own port).
 
 mod common;
-mod latency;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::latency::{Blackhole, LatencyRelay, PgControl, ReadinessServer};
 use common::{GateConfig, NodeEntry, NodeTls, Outcome, PgNode, Pki, Sqlgate, Validity};
-use latency::{Blackhole, LatencyRelay, PgControl, ReadinessServer};
+use common::{bounded, wait_until};
 
 /// Every test ends within this, pass or fail.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Fast probes so that tests see changes within seconds.
+/// Fast probes so that tests see changes within seconds; metrics so that
+/// they can wait for the prober's verdicts (`sqlgate_node_up`).
 const HEALTH: &str = "
+[metrics]
+addr = \"127.0.0.1:0\"
+
 [health]
 interval = \"200ms\"
 timeout = \"2s\"
@@ -29,10 +32,16 @@ unhealthy_after = 2
 healthy_after = 2
 ";
 
-async fn bounded<F: Future<Output = ()>>(test: F) {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("the test finishes within its time bound");
+/// Waits (bounded) until the prober reports `node` up (`up`) or down.
+async fn wait_node_up(gate: &Sqlgate, node: &PgNode, up: bool) {
+    let id = format!("localhost:{}", node.port());
+    let want = if up { 1.0 } else { 0.0 };
+    wait_until(
+        Duration::from_secs(20),
+        &format!("the prober reports {id} up={up}"),
+        || async { gate.scrape().await.sum("sqlgate_node_up", &[("node", &id)]) == Some(want) },
+    )
+    .await;
 }
 
 async fn start_nodes(pki: &Pki, count: usize) -> Vec<PgNode> {
@@ -118,6 +127,7 @@ async fn ports_of_sessions(gate: SocketAddr, count: usize, gap: Duration) -> Vec
     let mut ports = Vec::with_capacity(count);
     for _ in 0..count {
         ports.push(next_port(gate).await);
+        // Sessions spaced on purpose, as the caller asks.
         tokio::time::sleep(gap).await;
     }
     ports
@@ -125,7 +135,7 @@ async fn ports_of_sessions(gate: SocketAddr, count: usize, gap: Duration) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balances_concurrent_sessions_over_the_nodes_of_the_configured_region() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("balance");
         let nodes = start_nodes(&pki, 3).await;
         let mut config = GateConfig::new(
@@ -184,7 +194,7 @@ async fn balances_concurrent_sessions_over_the_nodes_of_the_configured_region() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_to_the_lowest_latency_node_and_follows_latency_changes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("latency");
         let nodes = start_nodes(&pki, 3).await;
         let near = LatencyRelay::start(nodes[0].addr(), Duration::ZERO).await;
@@ -223,7 +233,7 @@ async fn routes_to_the_lowest_latency_node_and_follows_latency_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_equal_latencies_do_not_flap_between_regions() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("flap");
         let nodes = start_nodes(&pki, 2).await;
         let base = Duration::from_millis(40);
@@ -240,7 +250,9 @@ async fn near_equal_latencies_do_not_flap_between_regions() {
         );
         config.extra = HEALTH.to_owned();
         let gate = Sqlgate::start(&config).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for node in &nodes[..2] {
+            wait_node_up(&gate, node, true).await;
+        }
 
         let chosen = next_port(gate.addr).await;
         let (kept, other) = if chosen == nodes[0].port() {
@@ -251,6 +263,8 @@ async fn near_equal_latencies_do_not_flap_between_regions() {
         assert_eq!(chosen, nodes[kept].port());
         // Slightly worse than the other region, well inside the switch margin.
         relays[kept].set_delay(base + Duration::from_millis(2));
+        // The prober smooths RTTs over several rounds: give it those rounds
+        // (no single event says the new delay is in the estimate).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let ports = ports_of_sessions(gate.addr, 8, Duration::from_millis(100)).await;
         assert!(
@@ -268,7 +282,7 @@ async fn near_equal_latencies_do_not_flap_between_regions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("failover");
         let nodes = start_nodes(&pki, 3).await;
         let next = LatencyRelay::start(nodes[1].addr(), Duration::from_millis(5)).await;
@@ -283,7 +297,9 @@ async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts()
         );
         config.extra = format!("{HEALTH}\n[routing]\nregion = \"home\"\n");
         let gate = Sqlgate::start(&config).await;
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        for node in &nodes {
+            wait_node_up(&gate, node, true).await;
+        }
 
         let (on_home, port) = session(gate.addr).await;
         assert_eq!(
@@ -306,7 +322,7 @@ async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts()
             "the session on the stopped node has ended"
         );
         // Once it is marked down: straight to the next-nearest node.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        wait_node_up(&gate, &nodes[0], false).await;
         let ports = ports_of_sessions(gate.addr, 5, Duration::from_millis(50)).await;
         assert!(
             ports.iter().all(|&p| p == nodes[1].port()),
@@ -327,7 +343,7 @@ async fn fails_over_when_the_preferred_node_stops_and_returns_when_it_restarts()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_08006_naming_every_node_tried_when_all_are_down() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("all-down");
         let nodes = start_nodes(&pki, 1).await;
         PgControl::of(&nodes[0]).await.stop().await;
@@ -378,6 +394,8 @@ async fn reports_08006_naming_every_node_tried_when_all_are_down() {
                     error.message
                 );
             }
+            // Unreachable nodes report down before and after their probes:
+            // the second round comes after enough probe rounds to mark them.
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
     })
@@ -413,7 +431,7 @@ async fn nodes_command_at(path: &std::path::Path) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_selects_a_node_whose_certificate_does_not_match_its_name() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("mismatch");
         let wrong_cert = pki.issue("wrong", &["db.other.example"], Validity::Current);
         let (wrong, good) = tokio::join!(
@@ -429,7 +447,7 @@ async fn never_selects_a_node_whose_certificate_does_not_match_its_name() {
         config.extra = format!("{HEALTH}\n[routing]\nregion = \"home\"\n");
         let gate = Sqlgate::start(&config).await;
         let mut ports = ports_of_sessions(gate.addr, 3, Duration::ZERO).await;
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        wait_node_up(&gate, &good, true).await;
         ports.extend(ports_of_sessions(gate.addr, 5, Duration::from_millis(50)).await);
         assert!(
             ports.iter().all(|&p| p == good.port()),
@@ -473,7 +491,7 @@ async fn never_selects_a_node_whose_certificate_does_not_match_its_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_command_explains_unreachable_nodes_and_rejects_bad_config() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("nodes-cmd");
         let other_ca = Pki::new("nodes-cmd-other");
         let (good, foreign) = tokio::join!(
@@ -533,7 +551,7 @@ async fn nodes_command_explains_unreachable_nodes_and_rejects_bad_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stops_routing_to_a_node_whose_readiness_check_fails() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::new("readiness");
         let cert = pki.server_cert();
         let nodes = start_nodes(&pki, 2).await;
@@ -562,6 +580,10 @@ async fn stops_routing_to_a_node_whose_readiness_check_fails() {
             HEALTH
         );
         let gate = Sqlgate::start(&config).await;
+        // Both nodes answer their TLS probes; only the readiness endpoint
+        // tells them apart, and no metric shows a draining node: wait for the
+        // probes to run, then give the readiness answers a few more rounds.
+        wait_node_up(&gate, &nodes[1], true).await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let ports = ports_of_sessions(gate.addr, 5, Duration::from_millis(50)).await;
         assert!(

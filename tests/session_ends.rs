@@ -2,11 +2,11 @@
 //! `sqlgate_session_ends_total`): the client closing, the node closing, the
 //! node's connection breaking. Fake nodes in front of the real binary.
 
-mod fault_support;
+mod common;
 
 use std::time::Duration;
 
-use fault_support::{
+use common::fake_node::{
     Behaviour, Daemon, FakeNode, Node, SessionEnd, TestCa, config_toml, message, raw_startup,
     simple_query,
 };

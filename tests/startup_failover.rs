@@ -5,20 +5,21 @@
 //! is never retried; a node that stalls or closes in the startup gets the
 //! client a FATAL 08006 that names it. Every wait is bounded.
 
-mod fault_support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use fault_support::{
-    Behaviour, Daemon, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml, message,
+use common::fake_node::{
+    Behaviour, FakeNode, Node, SessionEnd, StartupResult, TestCa, config_toml, message,
     raw_startup, read_message, simple_query, startup_message,
 };
+use common::{Gate, debug_gate};
 use tokio::io::AsyncWriteExt;
 
 const STEP: Duration = Duration::from_secs(15);
 
 /// sqlgate in front of `nodes` (the first in the preferred region `near`).
-async fn gate(ca: &TestCa, nodes: &[&FakeNode], extra_upstream: &str) -> Daemon {
+async fn gate(ca: &TestCa, nodes: &[&FakeNode], extra_upstream: &str) -> Gate {
     let regions = ["near", "far", "farther"];
     let nodes: Vec<Node> = nodes
         .iter()
@@ -29,7 +30,7 @@ async fn gate(ca: &TestCa, nodes: &[&FakeNode], extra_upstream: &str) -> Daemon 
         "connect_timeout",
         &format!("{extra_upstream}connect_timeout"),
     );
-    Daemon::start(&toml, None).await
+    debug_gate(&toml, None).await
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! `[[listen]] peer_users` under the shipped units and a real systemd (issue
 //! 15): systemd 252 boots as PID 1 of a throw-away container
-//! (`tests/systemd_support`), `systemd/sqlgate.service` and `sqlgate.socket`
+//! (`tests/common/systemd.rs`), `systemd/sqlgate.service` and `sqlgate.socket`
 //! run as shipped, and the README's recipe ("Apps hold no secrets") is followed
 //! to the letter: a `sqlgate.socket` drop-in makes the Unix socket with
 //! `SocketMode=0660` and `SocketGroup=sqlgate-clients`, apps get the group with
@@ -24,13 +24,12 @@
 //! socket.
 
 mod common;
-mod systemd_support;
 
 use std::path::Path;
 use std::time::Duration;
 
+use common::systemd::{BoxFiles, OutputText as _, SystemdBox};
 use common::{APP_DB, APP_PASSWORD, APP_USER, NodeTls, PgNode, Pki, SQLGATE};
-use systemd_support::{BoxFiles, OutputText as _, SystemdBox};
 
 const UNIT: &str = "sqlgate.service";
 const SOCKET: &str = "sqlgate.socket";

@@ -181,3 +181,54 @@ pub const SESSION_SSL_SQL: &str = "select ssl from pg_stat_ssl where pid = pg_ba
 pub fn sqlstate(error: &tokio_postgres::Error) -> Option<&str> {
     error.code().map(|c| c.code())
 }
+
+/// tokio-postgres as `app` over a TCP connection from `local_ip` to `addr`.
+pub async fn connect_app_from(
+    local_ip: IpAddr,
+    addr: SocketAddr,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let socket = match local_ip {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket
+        .bind(SocketAddr::new(local_ip, 0))
+        .expect("bind client address");
+    let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+        .await
+        .expect("connect within 10s")
+        .expect("connect to sqlgate");
+    let mut config = tokio_postgres::Config::new();
+    config.user(APP_USER).password(APP_PASSWORD).dbname(APP_DB);
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(20),
+        config.connect_raw(stream, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("startup within 20s")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Asserts that a tokio-postgres session through `addr` authenticates as
+/// `app` and that the node sees it encrypted.
+pub async fn assert_encrypted_session(addr: SocketAddr) {
+    let client = connect_app(addr)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres through sqlgate at {addr}: {e:?}"));
+    let row = client
+        .query_one(
+            "select current_user::text, (select ssl from pg_stat_ssl where pid = pg_backend_pid())",
+            &[],
+        )
+        .await
+        .expect("query through sqlgate");
+    assert_eq!(row.get::<_, String>(0), APP_USER);
+    assert!(
+        row.get::<_, bool>(1),
+        "pg_stat_ssl.ssl must be true for a session relayed by sqlgate"
+    );
+}

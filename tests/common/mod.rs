@@ -1,25 +1,41 @@
-//! Integration-test harness: real PostgreSQL 15 nodes with TLS, certificates
-//! made at test time, sqlgate run in-process or as its compiled binary, and a
-//! raw wire-protocol client for the cases a driver will not produce.
+//! The one integration-test harness, shared by every test binary (`mod
+//! common;`): real PostgreSQL nodes with TLS, certificates made at test time,
+//! sqlgate run in-process or as its compiled binary, fake nodes for faults,
+//! and a raw wire-protocol client for the cases a driver will not produce.
 //!
-//! - [`Pki`]: a CA (rcgen) and server certificates signed by it, as PEM files.
-//! - [`PgNode`]: one PostgreSQL 15 server on `127.0.0.1` and a free port,
-//!   `ssl=on` (or off), SCRAM only over TLS, `log_connections=on`; copied from
-//!   a template cluster made once (initdb) and stopped with `-m immediate` on drop.
-//! - [`GateConfig`], [`Sqlgate`] (in-process `Daemon`) and [`SqlgateProcess`]
-//!   (the binary, `sqlgate run -c FILE`).
-//! - [`RawClient`] and [`wire`]: hand-built startup packets and ErrorResponse parsing.
-//! - [`psql`], [`psql_copy_digest`], [`connect_app`]: real clients.
+//! - [`Pki`] (`pki.rs`): a CA (rcgen) and the server certificates it signs,
+//!   good or broken on purpose, as PEM files or rustls configs.
+//! - [`PgNode`] (`pg.rs`): one PostgreSQL 15 (or 18) server on `127.0.0.1` and
+//!   a free port, `ssl=on` (or off), SCRAM only over TLS; copied from a
+//!   template cluster made once (initdb) and stopped with `-m immediate` on drop.
+//! - [`GateConfig`] (`config.rs`): the one config writer (TOML from typed settings).
+//! - [`Gate::builder`] (`gate.rs`): the one launcher, in-process ([`Sqlgate`])
+//!   or the binary ([`Gate`]).
+//! - [`wire`], [`read_message`], [`RawClient`], [`raw_startup`],
+//!   [`simple_query`] (`wire_client.rs`): the one wire client.
+//! - [`psql`], [`psql_copy_digest`], [`connect_app`] (`clients.rs`): real clients.
+//! - [`bounded`], [`wait_until`], [`wait_for`], [`poll`] (`wait.rs`): every
+//!   wait is bounded and polls for its condition.
+//! - `cancel.rs`, `ops.rs`: helpers several test files share (sessions in
+//!   `pg_sleep`, CancelRequests, raw sessions; loopback addresses, `select 1`).
+//! - [`Process`] (`process.rs`): a child process with its stderr collected.
+//! - [`fake_node`]: fake cluster nodes that misbehave on cue.
+//! - [`http`]: `GET` and a strict Prometheus text parser for `/metrics`.
+//! - [`latency`]: a delaying relay, a blackhole, `pg_ctl` stop/start, a fake
+//!   readiness endpoint, a switchable forwarder.
+//! - [`systemd`]: a real systemd in a throw-away container; [`unit`]: sqlgate
+//!   installed in it as the README says.
 //!
-//! - [`NetNs`]: another host (network namespace + veth pair, 10.77.x.0/24), removed on drop.
-//! - [`Process`]: a child process with its stderr collected (also used by
-//!   `tests/ops_support` and, by path, `tests/fault_support`).
+//! - [`NetNs`] (`netns.rs`): another host (network namespace + veth pair,
+//!   10.77.x.0/24), removed on drop.
 //!
-//! Files: `pki.rs`, `pg.rs`, `gate.rs`, `clients.rs`, `wire_client.rs`, `process.rs`; this file
-//! holds the constants and the process helpers they share.
+//! This file holds the constants and the process helpers they share.
 //!
 //! PostgreSQL refuses to run as root, so its programs run as the `postgres`
 //! system user (`runuser`) when the tests run as root. Every wait is bounded.
+//
+// Each test binary uses only part of this module, so unused items and imports
+// are expected here (the usual `allow` of cargo integration-test support code).
 #![allow(dead_code, unused_imports)]
 
 use std::fmt::Write as _;
@@ -37,7 +53,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -98,7 +114,7 @@ include_if_exists = 'sqlgate-node.conf'
 ///
 /// # Errors
 /// A description when it cannot be spawned or outlives `timeout` (then it is killed).
-fn run_blocking(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+pub fn run_blocking(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
     let what = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -150,6 +166,11 @@ fn describe(result: &Result<Output, String>) -> String {
 fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
     let what = format!("{cmd:?}");
     let out = run_blocking(cmd, timeout).unwrap_or_else(|e| panic!("{e}"));
+    expect_success(&what, out)
+}
+
+/// `out`, when its command exited 0; else panics naming `what`, with its output.
+pub fn expect_success(what: &str, out: Output) -> Output {
     assert!(
         out.status.success(),
         "{what} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -281,18 +302,31 @@ fn pg_conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
+mod cancel;
 mod clients;
+mod config;
+pub mod fake_node;
 mod gate;
+pub mod http;
+pub mod latency;
 mod netns;
+mod ops;
 mod pg;
 mod pki;
 pub mod process;
+pub mod systemd;
+pub mod unit;
+mod wait;
 mod wire_client;
 
+pub use cancel::*;
 pub use clients::*;
+pub use config::*;
 pub use gate::*;
 pub use netns::NetNs;
+pub use ops::*;
 pub use pg::*;
 pub use pki::*;
-pub use process::{Process, SQLGATE};
+pub use process::{Process, SQLGATE, addr_field};
+pub use wait::*;
 pub use wire_client::*;

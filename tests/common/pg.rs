@@ -408,6 +408,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP port on 127.0.0.1 where nothing listens (connections are refused).
+pub fn refused_port() -> u16 {
+    free_port()
+}
+
 /// The data directory of a stopped cluster of `version` with role and
 /// database `app`, made once (initdb) and shared by test processes through
 /// `CARGO_TARGET_TMPDIR`; each node copies it.

@@ -1,6 +1,15 @@
-//! Test PKI: a CA made with rcgen and server certificates signed by it.
+//! Test PKI: a CA made with rcgen and the server certificates it signs, good
+//! or broken on purpose (expired, not yet valid, wrong name, from another CA),
+//! as PEM files for real nodes or as rustls configs for fake ones.
+
+use std::sync::Arc;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::*;
+
+/// The fault tests' name for [`Pki`] (it was `fault_support::TestCa`).
+pub type TestCa = Pki;
 
 /// When a certificate is valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,16 +34,23 @@ pub struct CertFiles {
 /// A test certificate authority, its `ca.crt`, and the certificates it issues,
 /// all in one directory that the `postgres` user can read.
 ///
-/// Two `Pki`s are unrelated: use a second one for "wrong CA" cases.
+/// Two `Pki`s are unrelated: use a second one for "wrong CA" (unknown
+/// issuer) cases.
 pub struct Pki {
     dir: TempDir,
     ca: CertifiedIssuer<'static, KeyPair>,
-    ca_file: PathBuf,
+    /// The CA certificate (PEM) to trust; also [`Pki::ca_file`].
+    pub ca_file: PathBuf,
 }
 
 impl Pki {
     /// A new CA named `name` (its subject CN is `sqlgate test CA <name>`), written to `ca.crt`.
     pub fn new(name: &str) -> Pki {
+        Pki::with_ca_validity(name, Validity::Current)
+    }
+
+    /// Like [`Pki::new`], with the CA certificate itself valid for `validity`.
+    pub fn with_ca_validity(name: &str, validity: Validity) -> Pki {
         let dir = temp_dir("sqlgate-pki-");
         set_mode(dir.path(), 0o755);
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("empty SAN list");
@@ -45,7 +61,7 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        set_validity(&mut params, Validity::Current);
+        set_validity(&mut params, validity);
         let key = KeyPair::generate().expect("generate CA key");
         let ca = CertifiedIssuer::self_signed(params, key).expect("self-sign CA");
         let ca_file = dir.path().join("ca.crt");
@@ -75,9 +91,73 @@ impl Pki {
             !sans.is_empty(),
             "a server certificate needs at least one SAN"
         );
+        let (cert, key) = self.sign_server(sans[0], sans, validity);
+        let files = CertFiles {
+            cert: self.dir.path().join(format!("{stem}.crt")),
+            key: self.dir.path().join(format!("{stem}.key")),
+        };
+        write_file(&files.cert, cert.pem().as_bytes(), 0o644);
+        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600);
+        // PostgreSQL refuses a key that its own user cannot read or that others can.
+        give_to_postgres(&files.key, 0o600);
+        files
+    }
+
+    /// A rustls server config presenting a certificate with subject CN `cn`
+    /// and subject alternative names `sans` (IP addresses become IP SANs), for
+    /// a fake node; `sans` may name anything, so the certificate can be broken
+    /// on purpose (wrong name, expired, not yet valid).
+    pub fn server_config(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        validity: Validity,
+    ) -> Arc<rustls::ServerConfig> {
+        let (cert, key) = self.sign_server(cn, sans, validity);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("server certificate");
+        Arc::new(config)
+    }
+
+    /// [`Pki::server_config`] with the usual good certificate: `localhost`
+    /// and `127.0.0.1`.
+    pub fn good(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config("localhost", &["localhost", "127.0.0.1"], Validity::Current)
+    }
+
+    /// A rustls client config that trusts this CA only (no client certificate).
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca.der().to_vec()))
+            .expect("add the CA");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    /// A server certificate (subject CN `cn`, SANs `sans`) signed by this CA, and its key.
+    fn sign_server(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        validity: Validity,
+    ) -> (rcgen::Certificate, KeyPair) {
         let names: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("valid SANs");
-        params.distinguished_name = common_name(sans[0]);
+        params.distinguished_name = common_name(cn);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -89,15 +169,7 @@ impl Pki {
         let cert = params
             .signed_by(&key, &*self.ca)
             .expect("sign server certificate");
-        let files = CertFiles {
-            cert: self.dir.path().join(format!("{stem}.crt")),
-            key: self.dir.path().join(format!("{stem}.key")),
-        };
-        write_file(&files.cert, cert.pem().as_bytes(), 0o644);
-        write_file(&files.key, key.serialize_pem().as_bytes(), 0o600);
-        // PostgreSQL refuses a key that its own user cannot read or that others can.
-        give_to_postgres(&files.key, 0o600);
-        files
+        (cert, key)
     }
 }
 

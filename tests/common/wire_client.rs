@@ -1,4 +1,7 @@
-//! The raw wire protocol: hand-built packets and a client for what drivers will not send.
+//! The raw wire protocol: hand-built packets ([`wire`]), one backend-message
+//! reader ([`read_message`]), a client for what drivers will not send
+//! ([`RawClient`]), and a raw startup and simple query over a plain stream
+//! ([`raw_startup`], [`simple_query`]).
 
 use super::*;
 
@@ -84,6 +87,40 @@ pub mod wire {
     pub fn terminate() -> Vec<u8> {
         vec![b'X', 0, 0, 0, 4]
     }
+
+    /// A backend (or frontend) message: tag, length, body.
+    pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(body.len() + 4).expect("message fits in u32");
+        let mut out = vec![tag];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+}
+
+/// Reads one message (tag, body without the length) from `s`; `Ok(None)` at
+/// EOF before its first byte.
+///
+/// # Errors
+/// I/O errors, EOF inside a message, a length under 4 or over 1 MiB.
+pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Option<(u8, Vec<u8>)>> {
+    let mut header = [0u8; 5];
+    match s.read_exact(&mut header[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    s.read_exact(&mut header[1..]).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    if !(4..=1 << 20).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("backend message {:?} with length {len}", header[0] as char),
+        ));
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    s.read_exact(&mut body).await?;
+    Ok(Some((header[0], body)))
 }
 
 /// One backend message: type byte and body (without the length).
@@ -215,28 +252,11 @@ impl RawClient {
         }
     }
 
-    /// Reads one backend message; `Ok(None)` at EOF.
+    /// Reads one backend message; `Ok(None)` at EOF (see [`read_message`]).
     pub async fn read_message(&mut self) -> io::Result<Option<BackendMessage>> {
-        let mut header = [0u8; 5];
-        match self.stream.read_exact(&mut header[..1]).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        self.stream.read_exact(&mut header[1..]).await?;
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        if !(4..=1 << 20).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("backend message {:?} with length {len}", header[0] as char),
-            ));
-        }
-        let mut body = vec![0u8; len as usize - 4];
-        self.stream.read_exact(&mut body).await?;
-        Ok(Some(BackendMessage {
-            tag: header[0],
-            body,
-        }))
+        Ok(read_message(&mut self.stream)
+            .await?
+            .map(|(tag, body)| BackendMessage { tag, body }))
     }
 
     /// Reads messages until ReadyForQuery (included) or an ErrorResponse,
@@ -303,4 +323,90 @@ pub async fn startup_outcome(addr: SocketAddr, local_ip: Option<IpAddr>) -> Outc
         .await
         .expect("send StartupMessage");
     client.outcome(Duration::from_secs(20)).await
+}
+
+/// What a raw client saw after its startup message.
+#[derive(Debug)]
+pub enum StartupResult {
+    /// Reached ReadyForQuery; the stream is ready for queries.
+    Ready(TcpStream),
+    /// An ErrorResponse: SQLSTATE and message.
+    Error { code: String, message: String },
+    /// The connection ended without either.
+    Closed,
+}
+
+impl StartupResult {
+    /// The stream of a session that reached ReadyForQuery; panics otherwise.
+    pub fn expect_ready(self) -> TcpStream {
+        match self {
+            StartupResult::Ready(s) => s,
+            other => panic!("expected ReadyForQuery through sqlgate, got {other:?}"),
+        }
+    }
+}
+
+/// Connects to sqlgate at `addr`, sends the `app` StartupMessage and reads
+/// until ReadyForQuery, an ErrorResponse, or EOF; bounded by `timeout`.
+pub async fn raw_startup(addr: SocketAddr, timeout: Duration) -> StartupResult {
+    tokio::time::timeout(timeout, async {
+        let mut s = TcpStream::connect(addr).await.expect("connect to sqlgate");
+        s.write_all(&wire::app_startup())
+            .await
+            .expect("send startup");
+        loop {
+            match read_message(&mut s).await {
+                Ok(Some((b'Z', _))) => return StartupResult::Ready(s),
+                Ok(Some((b'E', body))) => {
+                    let fields = parse_error_fields(&body);
+                    return StartupResult::Error {
+                        code: fields.code,
+                        message: fields.message,
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return StartupResult::Closed,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("startup through sqlgate did not finish within {timeout:?}"))
+}
+
+/// Sends a simple query and reads until ReadyForQuery; `Err` if the
+/// connection ends first. Bounded by `timeout`.
+///
+/// # Errors
+/// I/O errors, EOF before ReadyForQuery, or the timeout (`TimedOut`).
+pub async fn simple_query(s: &mut TcpStream, sql: &str, timeout: Duration) -> io::Result<()> {
+    tokio::time::timeout(timeout, async {
+        s.write_all(&wire::query(sql)).await?;
+        loop {
+            match read_message(s).await? {
+                Some((b'Z', _)) => return Ok(()),
+                Some(_) => {}
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query timed out"))?
+}
+
+/// Reads until EOF or error; returns how long that took, or `None` if the
+/// stream is still open after `timeout`.
+pub async fn time_to_end<S: AsyncRead + Unpin>(s: &mut S, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| started.elapsed())
 }

@@ -20,10 +20,8 @@
 //! cgroup and removes the cgroup; a guard process does the same if the test
 //! process dies without unwinding (its stdin pipe closes). Nothing is left on
 //! the host: the mounts die with the mount namespace.
-#![allow(dead_code)]
 
 use std::fs;
-use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
@@ -31,6 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::SQLGATE;
 
 /// How long the container's systemd gets to reach `running`.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -348,14 +348,7 @@ impl SystemdBox {
     /// Runs `args` in the container; panics unless it exits 0.
     pub fn run(&self, args: &[&str]) -> Output {
         let out = self.run_within(args, COMMAND_TIMEOUT);
-        assert!(
-            out.status.success(),
-            "{args:?} in the container: {}\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        super::expect_success(&format!("{args:?} in the container"), out)
     }
 
     /// Runs a shell command line in the container, whatever its exit status.
@@ -488,39 +481,8 @@ impl OutputText for Output {
     }
 }
 
-/// Runs `cmd` with stdin closed and output captured; kills it after `timeout`.
-///
-/// # Errors
-/// A description when it cannot be spawned or outlives `timeout`.
-pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("spawn {what}: {e}"))?;
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let status = wait_bounded(&mut child, timeout).ok_or_else(|| {
-        let _ = child.kill();
-        let _ = child.wait();
-        format!("{what} did not finish within {timeout:?}")
-    })?;
-    Ok(Output {
-        status,
-        stdout: out.join().expect("stdout reader does not panic"),
-        stderr: err.join().expect("stderr reader does not panic"),
-    })
-}
+pub use super::run_blocking as run_bounded;
+pub use super::wait::poll;
 
 /// Waits up to `timeout` for `child` to exit.
 pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
@@ -534,16 +496,19 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
-/// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`.
-pub fn poll<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Copies the unit files into `dir` with `ExecStart` pointing at the built
+/// binary (systemd-analyze verify checks that it exists).
+pub fn units_for_test(dir: &Path) -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let service = std::fs::read_to_string(root.join("sqlgate.service")).expect("read service");
+    assert!(service.contains("ExecStart=/usr/bin/sqlgate "));
+    let service = service.replace(
+        "ExecStart=/usr/bin/sqlgate ",
+        &format!("ExecStart={SQLGATE} "),
+    );
+    let socket = std::fs::read_to_string(root.join("sqlgate.socket")).expect("read socket");
+    let (s, k) = (dir.join("sqlgate.service"), dir.join("sqlgate.socket"));
+    std::fs::write(&s, service).expect("write service");
+    std::fs::write(&k, socket).expect("write socket");
+    (s, k)
 }

@@ -4,15 +4,16 @@
 //!   adjustable at run time, in each direction;
 //! - [`Blackhole`]: accepts connections and never answers (a firewalled node);
 //! - [`PgControl`]: `pg_ctl stop` / `pg_ctl start` for a running [`PgNode`];
-//! - [`ReadinessServer`]: a fake CockroachDB `/health?ready=1` over HTTPS.
-#![allow(dead_code)]
+//! - [`ReadinessServer`]: a fake CockroachDB `/health?ready=1` over HTTPS;
+//! - [`Switch`]: a forwarder that refuses until switched on (a node that
+//!   fails its probes, then recovers).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::common::{CertFiles, PG_BIN, PgNode};
+use super::{CertFiles, PG_BIN, PgNode, running_as_root};
 
 /// A TCP relay on `127.0.0.1` (or another loopback address) to one target,
 /// holding every chunk for [`LatencyRelay::delay`] before passing it on, in
@@ -228,7 +229,7 @@ impl PgControl {
 
     async fn pg_ctl(&self, args: &[&str], with_log: bool) {
         let program = format!("{PG_BIN}/pg_ctl");
-        let mut cmd = if is_root() {
+        let mut cmd = if running_as_root() {
             let mut cmd = tokio::process::Command::new("runuser");
             cmd.args(["-u", "postgres", "--", &program]);
             cmd
@@ -255,11 +256,6 @@ impl PgControl {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// A fake CockroachDB readiness endpoint: HTTPS on `ip:port` with the given
@@ -337,5 +333,46 @@ impl ReadinessServer {
 impl Drop for ReadinessServer {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A TCP forwarder on 127.0.0.1: while off it closes every connection at once
+/// (a node that fails its probes); while on it relays to `target`.
+pub struct Switch {
+    pub addr: SocketAddr,
+    on: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Switch {
+    pub async fn start(target: SocketAddr) -> Switch {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind switch");
+        let addr = listener.local_addr().expect("switch addr");
+        let on = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&on);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Switch { addr, on, task }
+    }
+
+    pub fn turn_on(&self) {
+        self.on.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
