@@ -8,42 +8,22 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{GateConfig, NodeEntry, NodeTls, PgNode, Pki, Sqlgate, connect_app, sqlstate};
+use common::{
+    GateConfig, NodeTls, PgNode, Pki, Sqlgate, backend_pid, bounded, connect_app, sqlstate,
+    write_userlist,
+};
 
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
-
-/// A node, and an auth_file in `dir` with the `app` role's SCRAM secret as
-/// PostgreSQL holds it in `pg_authid`.
+/// A node, and an auth_file in `dir` with the `app` role's SCRAM secret.
 async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
     let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
-    let secret = node
-        .admin_sql("select rolpassword from pg_authid where rolname = 'app'")
-        .await;
-    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
     let path = dir.join("userlist.txt");
-    std::fs::write(&path, format!("\"app\" \"{}\"\n", secret.trim())).expect("write auth_file");
+    write_userlist(&node, &path).await;
     (node, path)
 }
 
+/// Pooling with `min_idle = 0`: reuse is of the previous client's session.
 fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path, extra: &str) -> GateConfig {
-    let mut config = GateConfig::new(pki.ca_file(), vec![NodeEntry::localhost(node.port())]);
-    config.extra = format!(
-        "\n[pool]\nmode = \"session\"\nmin_idle = 0\nauth_file = {:?}\n{extra}",
-        auth_file.to_str().expect("utf-8 path")
-    );
-    config
-}
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .expect("pg_backend_pid")
-        .get(0)
+    common::pooled_config(pki, node, auth_file, &format!("min_idle = 0\n{extra}"))
 }
 
 /// Gives a release (the reset query after the client left) time to finish.

@@ -14,37 +14,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    APP_PASSWORD, GateConfig, NodeAuth, NodeEntry, NodeSpec, NodeTls, PgNode, PgVersion, Pki,
-    Sqlgate, app_conninfo, connect_app, psql, sqlstate,
+    APP_PASSWORD, GateConfig, NodeAuth, NodeSpec, NodeTls, PgNode, PgVersion, Pki, Sqlgate,
+    app_conninfo, backend_pid, bounded, connect_app, psql, sqlstate, write_userlist,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
-
 /// An auth_file in `dir` with the `app` role's SCRAM secret from `pg_authid`.
 async fn userlist(node: &PgNode, dir: &Path) -> PathBuf {
-    let secret = node
-        .admin_sql("select rolpassword from pg_authid where rolname = 'app'")
-        .await;
-    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
     let path = dir.join("userlist.txt");
-    std::fs::write(&path, format!("\"app\" \"{}\"\n", secret.trim())).expect("write auth_file");
+    write_userlist(node, &path).await;
     path
 }
 
 /// Pooling on, `min_idle = 0` (so that reuse is of the previous client's
 /// session, not of a warm one), probes out of the way.
 fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path) -> GateConfig {
-    let mut config = GateConfig::new(pki.ca_file(), vec![NodeEntry::localhost(node.port())]);
+    let mut config = common::pooled_config(pki, node, auth_file, "min_idle = 0\n");
     config.health_interval = Some("1h".to_owned());
-    config.extra = format!(
-        "\n[pool]\nmode = \"session\"\nmin_idle = 0\nauth_file = {:?}\n",
-        auth_file.to_str().expect("utf-8 path")
-    );
     config
 }
 
@@ -478,12 +464,4 @@ async fn cancel_on_a_reused_session_cancels_only_its_own_query() {
     })
     .await;
     gate.stop().await;
-}
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .expect("pg_backend_pid")
-        .get(0)
 }

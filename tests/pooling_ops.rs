@@ -10,38 +10,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    GateConfig, NodeEntry, NodeTls, PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess,
-    connect_app, sqlstate,
+    NodeTls, PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess, backend_pid, bounded, connect_app,
+    pooled_config, sqlstate, write_userlist,
 };
-
-async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
-}
-
-async fn write_userlist(node: &PgNode, path: &Path) {
-    let secret = node
-        .admin_sql("select rolpassword from pg_authid where rolname = 'app'")
-        .await;
-    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
-    std::fs::write(path, format!("\"app\" \"{}\"\n", secret.trim())).expect("write auth_file");
-}
 
 async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
     let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
     let path = dir.join("userlist.txt");
     write_userlist(&node, &path).await;
     (node, path)
-}
-
-fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path, extra: &str) -> GateConfig {
-    let mut config = GateConfig::new(pki.ca_file(), vec![NodeEntry::localhost(node.port())]);
-    config.extra = format!(
-        "\n[pool]\nmode = \"session\"\nauth_file = {:?}\n{extra}",
-        auth_file.to_str().expect("utf-8 path")
-    );
-    config
 }
 
 async fn connect_with(
@@ -64,14 +41,6 @@ async fn connect_with(
         let _ = connection.await;
     });
     Ok(client)
-}
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .expect("pg_backend_pid")
-        .get(0)
 }
 
 /// The backends of the `app` role on `node`.
