@@ -69,6 +69,18 @@ impl Bound {
         }
     }
 
+    /// Registers the socket with the runtime this runs on (the accept loop
+    /// runs on a session worker, not where the socket was bound).
+    ///
+    /// # Errors
+    /// When the old runtime cannot let go of it or this one cannot take it.
+    pub fn move_here(self) -> io::Result<Bound> {
+        match self {
+            Bound::Tcp(l) => TcpListener::from_std(l.into_std()?).map(Bound::Tcp),
+            Bound::Unix(l) => UnixListener::from_std(l.into_std()?).map(Bound::Unix),
+        }
+    }
+
     /// The endpoint a `[[listen]]` entry would name this socket by.
     pub fn endpoint(&self) -> Option<Endpoint> {
         match self {
@@ -396,19 +408,23 @@ pub async fn accept_loop(
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for T {}
 
-/// An accepted client socket, detached from the accepting runtime so that the
-/// session's worker can own it.
+/// An accepted client socket, registered with the accepting runtime.
 enum Accepted {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 impl Accepted {
-    /// Registers the socket with the runtime this runs on.
-    fn register(self) -> io::Result<Box<dyn ClientStream>> {
-        Ok(match self {
-            Accepted::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
-            Accepted::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+    /// The socket as the session's worker owns it: as it is when that worker
+    /// accepted it (`here`), else moved to the runtime this runs on.
+    fn register(self, here: bool) -> io::Result<Box<dyn ClientStream>> {
+        Ok(match (self, here) {
+            (Accepted::Tcp(s), true) => Box::new(s),
+            (Accepted::Unix(s), true) => Box::new(s),
+            (Accepted::Tcp(s), false) => Box::new(tokio::net::TcpStream::from_std(s.into_std()?)?),
+            (Accepted::Unix(s), false) => {
+                Box::new(tokio::net::UnixStream::from_std(s.into_std()?)?)
+            }
         })
     }
 }
@@ -422,7 +438,7 @@ async fn accept(bound: &Bound) -> io::Result<(Accepted, Option<SocketAddr>, Opti
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY on client socket");
             }
-            Ok((Accepted::Tcp(stream.into_std()?), Some(peer), None))
+            Ok((Accepted::Tcp(stream), Some(peer), None))
         }
         Bound::Unix(l) => {
             let (stream, _) = l.accept().await?;
@@ -433,7 +449,7 @@ async fn accept(bound: &Bound) -> io::Result<(Accepted, Option<SocketAddr>, Opti
                     None
                 }
             };
-            Ok((Accepted::Unix(stream.into_std()?), None, uid))
+            Ok((Accepted::Unix(stream), None, uid))
         }
     }
 }
@@ -459,8 +475,11 @@ fn spawn_session(
             let mut ctx = (shared.context)(id, listener, kill);
             ctx.peer_uid = uid;
             let (worker, share) = shared.workers.assign();
+            // Kept where it is when this worker (the accept loop's) runs it.
+            let here = worker.is_current();
+            let worker = worker.handle;
             let session = async move {
-                match stream.register() {
+                match stream.register(here) {
                     Ok(stream) => session::serve(ctx, stream, peer).await,
                     Err(e) => {
                         tracing::warn!(session.id = id, error = %e, "cannot register the client socket with a worker");
@@ -492,7 +511,7 @@ fn spawn_session(
             tracing::warn!(listener = %name, client.addr = ?peer, outcome = refusal.outcome().as_str(), "over max_connections; refusing client");
             // Not tracked: a refusal never holds the drain open.
             tokio::spawn(async move {
-                if let Ok(stream) = stream.register() {
+                if let Ok(stream) = stream.register(true) {
                     refuse(stream, refusal).await;
                 }
                 drop(slot);

@@ -13,7 +13,7 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -25,6 +25,7 @@ const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// One worker thread and its runtime.
 struct Worker {
     handle: Handle,
+    thread_id: ThreadId,
     /// Sessions living on this worker.
     load: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
@@ -74,6 +75,7 @@ impl Workers {
                 })?;
             workers.push(Worker {
                 handle,
+                thread_id: thread.thread().id(),
                 load: Arc::new(AtomicUsize::new(0)),
                 thread: Some(thread),
             });
@@ -94,9 +96,15 @@ impl Workers {
         self.workers.is_empty()
     }
 
+    /// The first worker: the accept loops run there (a session it takes
+    /// stays on the thread that accepted it: no hand-off).
+    pub fn first(&self) -> Placement {
+        self.workers[0].placement()
+    }
+
     /// The least-loaded worker (ties broken round-robin) and a share of its
     /// load for the session to hold.
-    pub fn assign(&self) -> (Handle, Assignment) {
+    pub fn assign(&self) -> (Placement, Assignment) {
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut best = start % n;
@@ -111,7 +119,30 @@ impl Workers {
         }
         let worker = &self.workers[best];
         worker.load.fetch_add(1, Ordering::AcqRel);
-        (worker.handle.clone(), Assignment(Arc::clone(&worker.load)))
+        (worker.placement(), Assignment(Arc::clone(&worker.load)))
+    }
+}
+
+/// Where a task runs: a worker's runtime, and its thread.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub handle: Handle,
+    thread_id: ThreadId,
+}
+
+impl Placement {
+    /// Whether the caller runs on this worker's thread (its runtime).
+    pub fn is_current(&self) -> bool {
+        std::thread::current().id() == self.thread_id
+    }
+}
+
+impl Worker {
+    fn placement(&self) -> Placement {
+        Placement {
+            handle: self.handle.clone(),
+            thread_id: self.thread_id,
+        }
     }
 }
 
@@ -156,16 +187,20 @@ mod tests {
     #[test]
     fn runs_tasks_on_worker_threads_and_stops_on_drop() {
         let workers = Workers::start(2).expect("workers");
-        let (handle, _share) = workers.assign();
+        let (placement, _share) = workers.assign();
+        assert!(!placement.is_current(), "the test thread is no worker");
         let name = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let seen = Arc::clone(&name);
         let (tx, rx) = std::sync::mpsc::channel();
-        handle.spawn(async move {
+        let there = placement.clone();
+        placement.handle.spawn(async move {
             *seen.lock().expect("lock") = std::thread::current().name().unwrap_or("").to_owned();
-            let _ = tx.send(());
+            let _ = tx.send(there.is_current());
         });
-        rx.recv_timeout(std::time::Duration::from_secs(10))
+        let current = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
             .expect("task ran");
+        assert!(current, "a task on a worker is on that worker's thread");
         assert!(name.lock().expect("lock").starts_with("sqlgate-w"));
         drop(workers); // joins; a hang here fails the test by timeout
     }

@@ -22,13 +22,16 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 pub mod advice;
+mod socket;
+
+pub use socket::NodeSocket;
 
 use crate::config::{NodeConfig, UpstreamConfig};
 use crate::pgwire::frontend::SSL_REQUEST_CODE;
 use crate::tls::{self, ALPN_POSTGRESQL, Negotiation};
 
 /// A verified TLS session to one node, ready for the StartupMessage.
-pub type UpstreamStream = TlsStream<TcpStream>;
+pub type UpstreamStream = TlsStream<NodeSocket>;
 
 /// What a successful dial produced.
 pub struct Connection<S = UpstreamStream> {
@@ -280,7 +283,7 @@ async fn dial_timed(
     let name =
         tls::server_name(&node.host).map_err(|source| UpstreamError::Connect { addr, source })?;
     let stream = TlsConnector::from(Arc::clone(tls))
-        .connect(name, tcp)
+        .connect(name, NodeSocket::new(tcp))
         .await
         .map_err(classify_handshake_error)?;
     if negotiation == Negotiation::Direct

@@ -391,6 +391,12 @@ where
             .await?
         {
             Lease::Reused(mut session, slot) => {
+                // Its socket to this worker's epoll (see `upstream::NodeSocket`).
+                if let Err(e) = session.stream.get_mut().0.rebind_here() {
+                    tracing::warn!(server_session = session.id, error = %e, "cannot move a pooled server session to this worker");
+                    pool::close(*session, CloseReason::Dead);
+                    continue;
+                }
                 if alive(&mut session).await {
                     tracing::debug!(
                         server_session = session.id,

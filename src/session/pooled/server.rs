@@ -3,11 +3,13 @@
 //! before reuse, the reset round trip, and the `min_idle` warm-up that keeps
 //! idle sessions ready for a key once a client of it has authenticated.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt};
 
 use super::OpenError;
 use crate::auth::{ClientStep, Credential, ScramClient, ScramClientError};
@@ -22,10 +24,15 @@ use crate::upstream::{self, UpstreamError};
 /// Whether an idle session can be used: nothing unexpected arrived on it
 /// (zero cost), and when it has been idle long, it answers an empty query.
 pub(super) async fn alive(session: &mut ServerSession) -> bool {
-    match tokio::time::timeout(Duration::ZERO, session.stream.fill_buf()).await {
-        Err(_) => {}
+    // One poll, no timer: a zero `tokio::time::timeout` would wait for the
+    // timer wheel's next millisecond tick before it gives up.
+    let quiet = std::future::poll_fn(|cx| {
+        Poll::Ready(Pin::new(&mut session.stream).poll_fill_buf(cx).is_pending())
+    })
+    .await;
+    if !quiet {
         // EOF, an error, or bytes nobody asked for (a FATAL on termination).
-        Ok(_) => return false,
+        return false;
     }
     if session.idle_since.elapsed() < pool::LIVENESS_CHECK_AFTER {
         return true;
