@@ -157,7 +157,10 @@ impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
         for worker in &mut self.workers {
+            // The last owner may be a task on a worker (an accept loop whose
+            // runtime is being dropped): a thread cannot join itself.
             if let Some(thread) = worker.thread.take()
+                && thread.thread().id() != std::thread::current().id()
                 && thread.join().is_err()
             {
                 tracing::error!("a session worker thread panicked");

@@ -41,6 +41,10 @@ pub enum Credential {
         client_key: ClientKey,
         secret: ScramSecret,
     },
+    /// The user's client certificate (`certs_dir`), presented in the TLS
+    /// handshake: the node must take it alone (AuthenticationOk at once);
+    /// sqlgate has no password to answer with.
+    Certificate,
 }
 
 impl Credential {
@@ -83,6 +87,11 @@ pub enum ScramClientError {
     ServerSignature,
     #[error("the server ended SCRAM with error {0:?}")]
     ServerError(String),
+    #[error(
+        "the node asks for a password although sqlgate presented the user's client \
+         certificate (certs_dir), and auth_file has no entry for the user"
+    )]
+    CertificateNotEnough,
     #[error("SCRAM exchange already ended")]
     Ended,
 }
@@ -158,9 +167,12 @@ impl ScramClient {
         let request = messages::parse_authentication(body)?;
         let (step, next) = match (state, request) {
             (State::Ended, _) => return Err(ScramClientError::Ended),
-            // Trust: the node asks for nothing.
+            // Trust, or the client certificate sufficed: the node asks for nothing.
             (State::Start | State::AwaitOk, AuthenticationRequest::Ok) => {
                 (ClientStep::Authenticated, State::Ended)
+            }
+            (State::Start, _) if matches!(self.credential, Credential::Certificate) => {
+                return Err(ScramClientError::CertificateNotEnough);
             }
             (State::Start, AuthenticationRequest::Sasl(mechanisms)) => {
                 if !mechanisms.contains(&SCRAM_SHA_256) {
@@ -181,7 +193,7 @@ impl ScramClient {
                     ClientStep::Send(messages::password_message(password.as_bytes())),
                     State::AwaitOk,
                 ),
-                Credential::ClientKey { .. } => {
+                Credential::ClientKey { .. } | Credential::Certificate => {
                     return Err(ScramClientError::Unsupported(
                         "a cleartext password (auth_file holds a SCRAM secret)",
                     ));
@@ -264,6 +276,7 @@ impl ScramClient {
                 }
                 (client_key, secret.server_key())
             }
+            Credential::Certificate => return Err(ScramClientError::CertificateNotEnough),
         };
         // gs2 header "n,," in base64.
         let without_proof = format!("c=biws,r={}", parsed.nonce);

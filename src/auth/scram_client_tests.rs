@@ -234,6 +234,28 @@ fn trust_needs_no_credential() {
     );
 }
 
+#[test]
+fn a_certificate_is_enough_only_when_the_node_asks_for_nothing() {
+    let mut client = rfc_client(Credential::Certificate);
+    assert_eq!(
+        client.receive(&body(&authentication_ok())),
+        Ok(ClientStep::Authenticated)
+    );
+    let asks = [
+        body(&authentication_sasl(&[SCRAM_SHA_256])),
+        AUTH_CLEARTEXT_PASSWORD.to_be_bytes().to_vec(),
+        [AUTH_MD5_PASSWORD.to_be_bytes().as_slice(), b"salt"].concat(),
+    ];
+    assert!(!asks.is_empty());
+    for ask in asks {
+        assert_eq!(
+            rfc_client(Credential::Certificate).receive(&ask),
+            Err(ScramClientError::CertificateNotEnough),
+            "{ask:?}"
+        );
+    }
+}
+
 /// A client in the state after it sent its client-first.
 fn after_first(credential: Credential) -> ScramClient {
     let mut client = rfc_client(credential);

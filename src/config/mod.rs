@@ -450,14 +450,15 @@ impl Config {
             ));
         }
 
-        let pool = pool::validate(raw.pool, base).map_err(|e| match e {
-            Ok((span, message)) => err(span, message),
-            Err(e) => ConfigError {
-                path: e.path.clone(),
-                line: e.line,
-                message: e.message,
-            },
-        })?;
+        let pool =
+            pool::validate(raw.pool, base, upstream.certs_dir.is_some()).map_err(|e| match e {
+                Ok((span, message)) => err(span, message),
+                Err(e) => ConfigError {
+                    path: e.path.clone(),
+                    line: e.line,
+                    message: e.message,
+                },
+            })?;
         let consoles =
             validate_consoles(raw.console, health.http_port).map_err(|(s, m)| err(s, m))?;
         if let Some(c) = consoles

@@ -116,12 +116,15 @@ impl PoolConfig {
 /// A validation failure: the byte span it points at (for the line) and the message.
 pub(super) type Invalid = (Option<std::ops::Range<usize>>, String);
 
-/// Validates `[pool]` and loads its `auth_file` (relative to `base`).
+/// Validates `[pool]` and loads its `auth_file` (relative to `base`);
+/// without `upstream.certs_dir` (whose certificate users may be pooled
+/// without an entry) session mode needs one.
 /// `Err(Ok(..))` is a problem in the config file; `Err(Err(..))` one in the
 /// `auth_file` (which names its own file and line).
 pub(super) fn validate(
     raw: Option<RawPool>,
     base: &Path,
+    certs_dir: bool,
 ) -> Result<PoolConfig, Result<Invalid, crate::auth::UserlistError>> {
     let Some(raw) = raw else {
         return Ok(PoolConfig::default());
@@ -159,10 +162,11 @@ pub(super) fn validate(
     let auth_file = raw.auth_file.as_ref().map(|p| base.join(p.get_ref()));
     let userlist = match (&auth_file, mode) {
         (Some(path), PoolMode::Session) => Arc::new(Userlist::load(path).map_err(Err)?),
-        (None, PoolMode::Session) => {
+        (None, PoolMode::Session) if !certs_dir => {
             return Err(Ok((
                 None,
-                "pool.mode = \"session\" needs pool.auth_file (the users sqlgate authenticates)"
+                "pool.mode = \"session\" needs pool.auth_file (the users sqlgate authenticates) \
+                 or upstream.certs_dir (users with a client certificate)"
                     .into(),
             )));
         }

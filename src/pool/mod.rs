@@ -190,6 +190,9 @@ struct Inner {
     warming: HashSet<PoolKey>,
     /// sqlgate drains: nothing goes back to the pool.
     closing: bool,
+    /// Keys of certificate users the node asked for a password, until when
+    /// their sessions pass through unpooled.
+    certificate_refused: HashMap<PoolKey, Instant>,
 }
 
 /// The pools of all nodes.
@@ -363,6 +366,28 @@ impl Pool {
         pool.total += 1;
         drop(inner);
         Some(self.slot(node))
+    }
+
+    /// Remembers for `ttl` that the node wants a password from the
+    /// certificate user of `key`; `true` when it was not known yet (log it).
+    pub fn refuse_certificate(&self, key: &PoolKey, ttl: Duration) -> bool {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.certificate_refused.retain(|_, until| *until > now);
+        inner
+            .certificate_refused
+            .insert(key.clone(), now + ttl)
+            .is_none()
+    }
+
+    /// Whether sessions of `key` pass through unpooled
+    /// ([`Pool::refuse_certificate`]).
+    pub fn certificate_refused(&self, key: &PoolKey) -> bool {
+        let inner = self.lock();
+        inner
+            .certificate_refused
+            .get(key)
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Claims the warm-up of `key`; `false` when a task already fills it.

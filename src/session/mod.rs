@@ -185,28 +185,29 @@ where
     }
     m::client_connection(&ctx.listener, ConnectionOutcome::Accepted);
 
-    // pooled: the user is in auth_file, sqlgate authenticates it itself
+    // pooled: the user is in auth_file (sqlgate authenticates it itself) or
+    // has a certificate the node takes alone
+    let (mut startup, mut client_leftover) = (startup, client_leftover);
     if ctx.config.pool.is_on()
-        && let Some(entry) = startup
-            .param("user")
-            .and_then(|u| std::str::from_utf8(u).ok())
-            .and_then(|u| ctx.config.pool.userlist.get(u))
-            .cloned()
+        && let Some(auth) = pooled::PoolAuth::of(&ctx, &startup)
     {
-        return Box::pin(pooled::run(
+        match Box::pin(pooled::run(
             &ctx,
             &mut client,
             startup,
             client_leftover,
-            entry,
+            auth,
             started,
         ))
-        .await;
+        .await
+        {
+            None => return,
+            Some(unpooled) => (startup, client_leftover) = unpooled,
+        }
     }
 
     // select + connect: the StartupMessage goes to each candidate until one
     // takes the session.
-    let mut startup = startup;
     if let Some(options) = &ctx.config.upstream.options {
         startup.append_options(options);
     }

@@ -62,6 +62,11 @@ impl ClientIdentities {
         Arc::clone(self.per_user.get(user).unwrap_or(&self.shared))
     }
 
+    /// Whether `certs_dir` holds a certificate for `user`.
+    pub fn has_certificate(&self, user: &str) -> bool {
+        self.per_user.contains_key(user)
+    }
+
     /// The config of dials that are no user's (health probes).
     pub fn shared_config(&self) -> &Arc<ClientConfig> {
         &self.shared

@@ -9,8 +9,15 @@
 //!
 //! Sessions are keyed by the startup parameters ([`PoolKey`]), so a reused
 //! session already has the client's `application_name`, `TimeZone` … as its
-//! reset values. Per-user client certificates (`certs_dir`) are not a
-//! credential here yet: the seam is [`open_session`]'s `credential`.
+//! reset values.
+//!
+//! A user with no `auth_file` entry but a client certificate in `certs_dir`
+//! ([`PoolAuth::Certificate`]) is pooled when the node takes the certificate
+//! alone (AuthenticationOk at once, as for `cert` in pg_hba.conf): the client
+//! is admitted as it is unpooled (allowlist, `peer_users`) and hears
+//! AuthenticationOk from sqlgate. When the node asks for a password instead,
+//! that client and the key's next ones for `server_lifetime` pass through
+//! unpooled (the node then asks the client), logged once.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,9 +46,39 @@ use server::{alive, open_session, round_trip};
 /// `PG_MAX_AUTH_TOKEN_LENGTH` is 65535).
 pub const MAX_SASL_MESSAGE: usize = 65535;
 
+/// How a pooled client is authenticated, and how its server sessions log in.
+pub(super) enum PoolAuth {
+    /// SCRAM with the client against its `auth_file` entry; server sessions
+    /// log in with the recovered ClientKey or the entry's password (and the
+    /// user's certificate, when `certs_dir` has one, in the TLS handshake).
+    Scram(UserEntry),
+    /// No `auth_file` entry, a certificate in `certs_dir`: the node must take
+    /// the certificate alone.
+    Certificate,
+}
+
+impl PoolAuth {
+    /// How the session of `startup`'s user can be pooled, if at all.
+    pub(super) fn of(ctx: &SessionContext, startup: &StartupMessage) -> Option<PoolAuth> {
+        let user = std::str::from_utf8(startup.param("user")?).ok()?;
+        if let Some(entry) = ctx.config.pool.userlist.get(user) {
+            return Some(PoolAuth::Scram(entry.clone()));
+        }
+        ctx.config
+            .upstream
+            .identities
+            .has_certificate(user)
+            .then_some(PoolAuth::Certificate)
+    }
+}
+
 /// Why a pooled session ended early (the log line's `error`).
 #[derive(Debug, thiserror::Error)]
 enum PooledError {
+    /// Not pooled after all (the node wants a password from a certificate
+    /// user): the session goes on unpooled with these client bytes.
+    #[error("passed through unpooled")]
+    PassThrough(BytesMut),
     #[error("client closed or broke the connection during authentication")]
     ClientGone,
     #[error("client sent a bad authentication message")]
@@ -91,19 +128,26 @@ impl Observer for Tracker<'_> {
 }
 
 /// Runs a pooled session to its end and writes its summary line, counted in
-/// `sqlgate_session_ends_total` as the unpooled path counts its own.
+/// `sqlgate_session_ends_total` as the unpooled path counts its own. Returns
+/// the startup and the client's bytes when the session is to pass through
+/// unpooled instead (nothing was sent to the client then).
 pub(super) async fn run<S>(
     ctx: &SessionContext,
     client: &mut S,
     startup: StartupMessage,
     leftover: BytesMut,
-    entry: UserEntry,
+    auth: PoolAuth,
     started: Instant,
-) where
+) -> Option<(StartupMessage, BytesMut)>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut moved = Transferred::default();
-    let result = serve(ctx, client, startup, leftover, entry, &mut moved).await;
+    let original = matches!(auth, PoolAuth::Certificate).then(|| startup.clone());
+    let result = serve(ctx, client, startup, leftover, &auth, &mut moved).await;
+    if let Err(PooledError::PassThrough(leftover)) = result {
+        return original.map(|startup| (startup, leftover));
+    }
     if let Err(e) = &result
         && let Some(bytes) = client_error(e)
     {
@@ -126,6 +170,7 @@ pub(super) async fn run<S>(
         error = result.as_ref().err().map(tracing::field::display),
         "session ended"
     );
+    None
 }
 
 /// Who ended a pooled session, and how. Failures before the relay are
@@ -157,6 +202,8 @@ fn session_end(result: &Result<Side, PooledError>) -> SessionEnd {
             (EndedBy::Upstream, EndOutcome::Error)
         }
         Err(PooledError::Refused(_)) => (EndedBy::Upstream, EndOutcome::Closed),
+        // Not an end: `run` hands the session to the unpooled path.
+        Err(PooledError::PassThrough(_)) => (EndedBy::Sqlgate, EndOutcome::Closed),
     };
     SessionEnd { ended_by, outcome }
 }
@@ -164,6 +211,7 @@ fn session_end(result: &Result<Side, PooledError>) -> SessionEnd {
 fn client_error(e: &PooledError) -> Option<Vec<u8>> {
     let (code, text) = match e {
         PooledError::ClientGone
+        | PooledError::PassThrough(_)
         | PooledError::Io(_)
         | PooledError::Relay(_)
         | PooledError::Killed => return None,
@@ -197,7 +245,7 @@ async fn serve<S>(
     client: &mut S,
     mut startup: StartupMessage,
     leftover: BytesMut,
-    entry: UserEntry,
+    auth: &PoolAuth,
     moved: &mut Transferred,
 ) -> Result<Side, PooledError>
 where
@@ -212,11 +260,37 @@ where
     let mut from_client = leftover;
 
     // authenticate the client: nothing is dialed before its proof is right
-    let (auth_messages, client_key) = authenticate(client, &mut from_client, &entry, &user).await?;
-    let credential = entry.upstream_credential(client_key);
+    let (auth_messages, credential) = match auth {
+        PoolAuth::Scram(entry) => {
+            let (messages, client_key) =
+                authenticate(client, &mut from_client, entry, &user).await?;
+            (messages, entry.upstream_credential(client_key))
+        }
+        PoolAuth::Certificate if ctx.pool.certificate_refused(&key) => {
+            return Err(PooledError::PassThrough(from_client));
+        }
+        PoolAuth::Certificate => (
+            crate::auth::messages::authentication_ok(),
+            Credential::Certificate,
+        ),
+    };
 
     // checkout, then keep `min_idle` warm for the next client of this key
-    let (mut session, slot) = checkout(ctx, &key, &startup, &credential, client).await?;
+    let (mut session, slot) = match checkout(ctx, &key, &startup, &credential, client).await {
+        Err(PooledError::Upstream(ScramClientError::CertificateNotEnough)) => {
+            let ttl = pool_cfg.server_lifetime;
+            if ctx.pool.refuse_certificate(&key, ttl) {
+                tracing::warn!(
+                    user = %user,
+                    "the node asks this certificate user for a password: their sessions pass \
+                     through unpooled for pool.server_lifetime ({}); put the user in auth_file to pool them",
+                    humantime::format_duration(ttl)
+                );
+            }
+            return Err(PooledError::PassThrough(from_client));
+        }
+        other => other?,
+    };
     server::warm_up(ctx, &key, &startup, &credential);
     let span = tracing::Span::current();
     span.record("node", session.node.id().as_str());
@@ -427,7 +501,9 @@ where
                         candidates.retain(|n| n.id() != node.id());
                     }
                     Err(OpenError::Auth(e)) => {
-                        tracing::error!(node = %node.id(), error = %e, "pooled login to the cluster failed");
+                        if e != ScramClientError::CertificateNotEnough {
+                            tracing::error!(node = %node.id(), error = %e, "pooled login to the cluster failed");
+                        }
                         return Err(PooledError::Upstream(e));
                     }
                     Err(OpenError::Server(e, bytes)) => {
