@@ -438,6 +438,9 @@ pgbench_run() {
     if [[ -n $pid && $label =~ ^tps_c(8|32)$ ]]; then
         echo "$route $label $((t1 - t0)) $txns" >>"$WORK/cpu.txt"
     fi
+    if [[ -n $pid && $label == conn_rate_scram ]]; then
+        echo "$route $((t1 - t0)) $txns" >>"$WORK/cpu_conn.txt"
+    fi
 }
 
 latency_run() { # ROUTE: 1 client, per-transaction log → p50/p99
@@ -463,6 +466,7 @@ copy_run() { # ROUTE: COPY TO STDOUT of COPY_ROWS rows of 1 KiB
 }
 
 : >"$WORK/cpu.txt"
+: >"$WORK/cpu_conn.txt"
 for round in $(seq 1 "$ROUNDS"); do
     # Rotate the route order each round: drift and position hit all alike.
     order=()
@@ -509,6 +513,11 @@ done <"$WORK/connect.txt"
 awk -v hz="$CLK_TCK" '{t[$1] += $3; n[$1] += $4}
     END {for (r in t) if (n[r] > 0) printf "%s cpu_s_100k %.3f\n", r, t[r] / hz / n[r] * 100000}' \
     "$WORK/cpu.txt" >>"$RESULTS"
+# Proxy CPU per new connection (-C, SCRAM), all rounds pooled: what the proxy
+# itself spends, apart from the client's PBKDF2 that bounds the rate.
+awk -v hz="$CLK_TCK" '{t[$1] += $2; n[$1] += $3}
+    END {for (r in t) if (n[r] > 0) printf "%s conn_cpu_us %.1f\n", r, t[r] / hz / n[r] * 1e6}' \
+    "$WORK/cpu_conn.txt" >>"$RESULTS"
 
 # --- table ----------------------------------------------------------------------
 median() { # route metric
@@ -516,7 +525,7 @@ median() { # route metric
         awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
 declare -A MED
-METRICS=(tps_c1 tps_c8 tps_c32 p50_us p99_us conn_rate conn_rate_scram copy_s cpu_s_100k rss_kib
+METRICS=(tps_c1 tps_c8 tps_c32 p50_us p99_us conn_rate conn_rate_scram conn_cpu_us copy_s cpu_s_100k rss_kib
     conn_ms_p50 conn_ms_p90 conn_rt_p50 conn_rt_p90)
 for route in "${ROUTES[@]}"; do
     for metric in "${METRICS[@]}"; do MED[$route,$metric]=$(median "$route" "$metric"); done
@@ -556,6 +565,7 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
     row "latency p99 us, 1 cl." p99_us lower
     row "connections/s (-C) md5" conn_rate higher
     row "connections/s (-C) SCRAM" conn_rate_scram higher
+    row "proxy CPU us/conn SCRAM" conn_cpu_us abs
     row "COPY ${copy_mb} MB, s" copy_s lower
     row "proxy CPU s/100k txn" cpu_s_100k abs
     row "proxy KiB/idle session" rss_kib abs
@@ -599,13 +609,14 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
     awk -v r50="${MED[pooled,conn_rt_p50]}" -v r90="${MED[pooled,conn_rt_p90]}" \
         -v m50="${MED[pooled,conn_ms_p50]}" -v b50="${MED[pgbouncer,conn_ms_p50]}" \
         -v kp="${MED[pooled,conn_rate_scram]}" -v kb="${MED[pgbouncer,conn_rate_scram]}" \
+        -v up="${MED[pooled,conn_cpu_us]}" -v ub="${MED[pgbouncer,conn_cpu_us]}" \
         -v p1="${MED[pooled,tps_c1]}" -v p8="${MED[pooled,tps_c8]}" -v p32="${MED[pooled,tps_c32]}" \
         -v g1="${MED[sqlgate,tps_c1]}" -v g8="${MED[sqlgate,tps_c8]}" -v g32="${MED[sqlgate,tps_c32]}" '
         function check(label, ok, detail) { printf "  %-4s %-48s %s\n", ok ? "met" : "MISS", label, detail }
         BEGIN {
             check("new conn + select 1 <= 1.3 round trips (p50)", r50 <= 1.3, sprintf("%.2f RT (p90 %.2f)", r50, r90))
             check("new conn + select 1 below PgBouncer (p50)", m50 < b50, sprintf("%.1f vs %.1f ms", m50, b50))
-            check("connections/s (-C, SCRAM) >= PgBouncer", kp >= kb, sprintf("%.3f x PgBouncer", kp / kb))
+            check("connections/s (-C, SCRAM) >= PgBouncer", kp >= kb, sprintf("%.3f x PgBouncer (proxy CPU/conn %.2f x)", kp / kb, ub > 0 ? up / ub : 0))
             check("tps 1 client >= 0.97 x unpooled sqlgate", p1 >= 0.97 * g1, sprintf("%.3f x unpooled", p1 / g1))
             check("tps 8 clients >= 0.97 x unpooled sqlgate", p8 >= 0.97 * g8, sprintf("%.3f x unpooled", p8 / g8))
             check("tps 32 clients >= 0.97 x unpooled sqlgate", p32 >= 0.97 * g32, sprintf("%.3f x unpooled", p32 / g32))
