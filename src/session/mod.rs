@@ -108,10 +108,27 @@ where
         node = tracing::field::Empty,
         region = tracing::field::Empty,
     );
-    let Some(tls) = ctx.tls.clone() else {
-        return run(ctx, client, peer, dialer).instrument(span).await;
-    };
-    // TLS first: the startup packet and everything after it ride the TLS session.
+    match ctx.tls.clone() {
+        None => run(ctx, client, peer, dialer).instrument(span).await,
+        // Boxed: inline, the handshake's state and the TLS session (a rustls
+        // ServerConnection, over a kilobyte) would size every session's task,
+        // TLS or not, for as long as it lives.
+        Some(tls) => Box::pin(serve_tls(ctx, client, peer, dialer, tls, span)).await,
+    }
+}
+
+/// TLS first: the startup packet and everything after it ride the TLS session.
+async fn serve_tls<S, D>(
+    ctx: SessionContext,
+    client: S,
+    peer: Option<SocketAddr>,
+    dialer: &D,
+    tls: Arc<rustls::ServerConfig>,
+    span: tracing::Span,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    D: Dialer,
+{
     let limit = ctx.config.limits.startup_timeout;
     match tokio::time::timeout(limit, tls_server::accept(client, tls)).await {
         Ok(Ok(client)) => run(ctx, client, peer, dialer).instrument(span).await,
@@ -179,7 +196,7 @@ where
     };
     let user = String::from_utf8_lossy(startup.param("user").unwrap_or_default()).into_owned();
     if let Some(peer_users) = &ctx.peer_users
-        && !peer_permits(peer_users, ctx.peer_uid, &user).await
+        && !Box::pin(peer_permits(peer_users, ctx.peer_uid, &user)).await
     {
         return reject(&ctx, &mut client, SessionError::PeerDenied).await;
     }
@@ -288,7 +305,7 @@ where
 async fn proxy<S, U>(
     ctx: &SessionContext,
     client: &mut S,
-    opened: Opened<U>,
+    opened: Box<Opened<U>>,
     tls: Arc<rustls::ClientConfig>,
 ) -> (Transferred, Result<Side, SessionError>)
 where
@@ -300,7 +317,7 @@ where
         connection,
         relay,
         sent,
-    } = opened;
+    } = *opened;
     let upstream::Connection {
         stream: mut upstream,
         addr,

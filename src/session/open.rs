@@ -52,13 +52,14 @@ impl std::fmt::Display for Attempt {
 /// `connect_timeout`, each wait for the first answer by
 /// `upstream.startup_timeout`. Nothing of the session has happened on a node
 /// that refused it, so the client never sees the refusal. Every outcome is
-/// reported to the router.
+/// reported to the router. Boxed: the TLS session (over a kilobyte) must
+/// not size the session's task, which lives as long as the client.
 pub(super) async fn open<D: Dialer>(
     ctx: &SessionContext,
     dialer: &D,
     startup: &[u8],
     tls: &Arc<rustls::ClientConfig>,
-) -> Result<Opened<D::Stream>, SessionError> {
+) -> Result<Box<Opened<D::Stream>>, SessionError> {
     let mut failures = Vec::new();
     let upstream_cfg = &ctx.config.upstream;
     for node in ctx
@@ -105,12 +106,12 @@ pub(super) async fn open<D: Dialer>(
         match answer {
             Ok(FirstAnswer::Taken) => {
                 ctx.router.node_accepted(&node);
-                return Ok(Opened {
+                return Ok(Box::new(Opened {
                     node,
                     connection,
                     relay,
                     sent: startup.len() as u64,
-                });
+                }));
             }
             Ok(FirstAnswer::Refused(e)) => {
                 let reason = RetryReason::from_sqlstate(&e.code).unwrap_or(RetryReason::Draining);

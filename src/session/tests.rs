@@ -468,3 +468,22 @@ async fn a_drain_lets_a_query_in_flight_finish_and_deliver_its_answer() {
     );
     assert_eq!(code.as_deref(), Some("57P01"));
 }
+
+/// The session task is allocated once, at the size of its largest state, and
+/// lives as long as its client: what only the startup needs (the upstream
+/// TLS session on its way to the relay, the TLS handshake with the client,
+/// the peer lookup) is boxed, so an idle session's task stays small. Inline,
+/// they made it 8.6 KiB (`benches/compare.sh`: 25.6 KiB per idle session).
+#[tokio::test]
+async fn the_session_task_stays_small() {
+    let f = fixture("");
+    let (_client, ours) = duplex(64);
+    let task = serve(f.ctx.clone(), ours, None);
+    let size = std::mem::size_of_val(&task);
+    eprintln!("session future: {size} B");
+    assert!(size <= 2048, "the session future is {size} B");
+    assert!(
+        std::mem::size_of::<crate::upstream::UpstreamStream>() > 1024,
+        "the upstream TLS session is the large part this guards against"
+    );
+}
