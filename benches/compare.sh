@@ -468,9 +468,17 @@ copy_run() { # ROUTE: COPY TO STDOUT of COPY_ROWS rows of 1 KiB
 : >"$WORK/cpu.txt"
 : >"$WORK/cpu_conn.txt"
 for round in $(seq 1 "$ROUNDS"); do
-    # Rotate the route order each round: drift and position hit all alike.
+    # Rotate the route order each round, and reverse it every other round:
+    # drift, position and the route that ran just before hit all alike (a
+    # fixed neighbour is a bias: the -C runs leave the node reaping hundreds
+    # of exiting backends for the route after them).
     order=()
     for i in "${!ROUTES[@]}"; do order+=("${ROUTES[$(((i + round - 1) % ${#ROUTES[@]}))]}"); done
+    if ((round % 2 == 0)); then
+        reversed=()
+        for ((i = ${#order[@]} - 1; i >= 0; i--)); do reversed+=("${order[$i]}"); done
+        order=("${reversed[@]}")
+    fi
     log "round $round/$ROUNDS (order: ${order[*]}; load average $(cut -d' ' -f1-3 /proc/loadavg))"
     for route in "${order[@]}"; do latency_run "$route" "$round"; done
     for route in "${order[@]}"; do pgbench_run "$route" tps_c8 -c 8 -j 2 "$(conninfo "$route")"; done
@@ -478,10 +486,12 @@ for round in $(seq 1 "$ROUNDS"); do
     for route in "${order[@]}"; do
         # sqlgate pools only SCRAM users: bench_md5 would pass through unpooled.
         [[ $route == pooled ]] && continue
+        sleep 2 # the node reaps the previous route's exiting backends
         pgbench_run "$route" conn_rate -C -c 4 -j 2 "$(conninfo "$route" md5)"
     done
     for route in "${order[@]}"; do
         [[ $route == stunnel ]] && continue # md5 only, see above
+        sleep 2
         pgbench_run "$route" conn_rate_scram -C -c 4 -j 2 "$(conninfo "$route")"
     done
     for route in "${order[@]}"; do copy_run "$route"; done

@@ -120,15 +120,7 @@ async fn wrong_password_gets_28p01_and_dials_nothing() {
     let gate = Sqlgate::start(&pooled_config(&pki, &node, &auth_file, "")).await;
     let before = node.app_sessions_authorized();
     bounded(Duration::from_secs(30), async {
-        let conninfo = format!(
-            "host={} port={} user=app password=wrong dbname=app connect_timeout=10",
-            gate.addr.ip(),
-            gate.addr.port()
-        );
-        let e = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-            .await
-            .err()
-            .expect("a wrong password is refused");
+        let e = common::connect_with_wrong_password(gate.addr).await;
         assert_eq!(sqlstate(&e), Some("28P01"), "{e}");
     })
     .await;

@@ -168,15 +168,7 @@ async fn auth_file_user_with_a_certificate_is_checked_by_sqlgate_and_logs_in_by_
     let gate = Sqlgate::start(&pooled_config(&pki, &node, certs.path(), Some(&auth_file))).await;
     let before = node.app_sessions_authorized();
     bounded(Duration::from_secs(60), async {
-        let conninfo = format!(
-            "host={} port={} user=app password=wrong dbname=app connect_timeout=10",
-            gate.addr.ip(),
-            gate.addr.port()
-        );
-        let e = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-            .await
-            .err()
-            .expect("a wrong password is refused");
+        let e = common::connect_with_wrong_password(gate.addr).await;
         assert_eq!(sqlstate(&e), Some("28P01"), "{e}");
         assert_eq!(node.app_sessions_authorized(), before, "nothing was dialed");
 

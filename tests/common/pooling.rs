@@ -33,3 +33,16 @@ pub async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
         .expect("pg_backend_pid")
         .get(0)
 }
+
+/// Connects as `app` with a wrong password: the error, which must come.
+pub async fn connect_with_wrong_password(addr: std::net::SocketAddr) -> tokio_postgres::Error {
+    let conninfo = format!(
+        "host={} port={} user=app password=wrong dbname=app connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    );
+    tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a wrong password is refused")
+}
