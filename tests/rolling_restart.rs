@@ -231,9 +231,15 @@ async fn rolling_restart_under_load_fails_no_new_connection() {
     // 5. Node c full: every slot held by a session, 53300.
     step("max_connections reached", &tally);
     let holders: Vec<_> = (0..6)
-        .map(|_| c.admin_session("select pg_sleep(4)"))
+        .map(|_| c.admin_session("select pg_sleep(10)"))
         .collect();
     under_load(Duration::from_secs(3)).await;
+    // On a busy machine the holders may take seconds to fill the node, and
+    // the loops must then meet it: load on, bounded, until a 53300 was seen.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !gate.stderr().contains("53300") && Instant::now() < deadline {
+        under_load(Duration::from_millis(250)).await;
+    }
     drop(holders);
     under_load(Duration::from_secs(1)).await;
     step("end", &tally);
