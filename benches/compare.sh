@@ -5,12 +5,13 @@
 # Prints a table of medians and ratios to direct; it does not pass or fail.
 # Not run by CI.
 #
-#   benches/compare.sh            # full run, about 15 minutes on 2 cores
-#   benches/compare.sh --quick    # about 3 minutes, for development
+#   benches/compare.sh            # full run, about 25 minutes on 2 cores
+#   benches/compare.sh --quick    # about 7 minutes, for development
 #
 # Options: --rounds N  --duration SECONDS  --copy-rows N  --idle N
 #          --connects N (measured new connections per route over the delay
 #          relay)  --no-rolling (skip benches/rolling_restart.sh)
+#          --pairs N  --pair-duration SECONDS (paired comparisons, f)
 #          --sqlgate PATH (a prebuilt binary; default: cargo build --release)
 #          --keep (leave the work directory for inspection)
 #
@@ -48,13 +49,23 @@
 # for direct (libpq verify-full through the delay relay), sqlgate, pooled
 # sqlgate and PgBouncer (auth_type = scram-sha-256, the same userlist):
 # median and p90 in ms and in round trips (ms / 40).
+#
+# Paired comparisons (f), for the ratios issue 13 sets as targets (pooled
+# against unpooled sqlgate, pooled against PgBouncer): a route's position in
+# a round moves its figure by a few per cent on 2 cores (what ran just
+# before, what the node is still reaping), as much as the targets' margins.
+# So the two routes run back to back, PAIRS times, in A B B A order, for
+# PAIR_DURATION seconds each; each pair gives a ratio and the verdict takes
+# their median (the spread, min to max, is printed beside it).
 set -euo pipefail
 
 ROUNDS=3 DURATION=8 COPY_ROWS=1000000 IDLE=2000 SCALE=10 KEEP=0 SQLGATE_BIN=""
-CONNECTS=50 ROLLING=1 DELAY_MS=20
+CONNECTS=50 ROLLING=1 DELAY_MS=20 PAIRS=12 PAIR_DURATION=4
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --quick) ROUNDS=1 DURATION=3 COPY_ROWS=200000 IDLE=500 CONNECTS=20 ;;
+        --quick) ROUNDS=1 DURATION=3 COPY_ROWS=200000 IDLE=500 CONNECTS=20 PAIRS=4 ;;
+        --pairs) PAIRS=$2; shift ;;
+        --pair-duration) PAIR_DURATION=$2; shift ;;
         --connects) CONNECTS=$2; shift ;;
         --no-rolling) ROLLING=0 ;;
         --rounds) ROUNDS=$2; shift ;;
@@ -497,6 +508,37 @@ for round in $(seq 1 "$ROUNDS"); do
     for route in "${order[@]}"; do copy_run "$route"; done
 done
 
+# --- (f) paired comparisons ---------------------------------------------------------
+# pair_tps ROUTE ARGS...: one short pgbench -S run, prints its tps.
+pair_tps() {
+    local route=$1 out
+    shift
+    out=$(pgbench -n -S -T "$PAIR_DURATION" "$@" 2>&1) || die "pgbench via $route failed: $out"
+    awk '/^tps = / {print $3; exit}' <<<"$out"
+}
+# pairs LABEL A B PAUSE ARGS...: PAIRS ratios B/A, A B then B A alternately,
+# with PAUSE seconds before each run; the conninfo of the route is appended.
+pairs() {
+    local label=$1 a=$2 b=$3 pause=$4 i ta tb
+    shift 4
+    log "paired: $label, $b against $a, $PAIRS pairs of ${PAIR_DURATION}s"
+    for i in $(seq 1 "$PAIRS"); do
+        if ((i % 2)); then
+            sleep "$pause"; ta=$(pair_tps "$a" "$@" "$(conninfo "$a")")
+            sleep "$pause"; tb=$(pair_tps "$b" "$@" "$(conninfo "$b")")
+        else
+            sleep "$pause"; tb=$(pair_tps "$b" "$@" "$(conninfo "$b")")
+            sleep "$pause"; ta=$(pair_tps "$a" "$@" "$(conninfo "$a")")
+        fi
+        awk -v l="$label" -v a="$ta" -v b="$tb" 'BEGIN {printf "%s %.4f %.0f %.0f\n", l, b / a, a, b}' >>"$WORK/pairs.txt"
+    done
+}
+: >"$WORK/pairs.txt"
+pairs pooled_c1 sqlgate pooled 0 -c 1 -j 1
+pairs pooled_c8 sqlgate pooled 0 -c 8 -j 2
+pairs pooled_c32 sqlgate pooled 0 -c 32 -j 2
+pairs pooled_conn_scram pgbouncer pooled 1 -C -c 4 -j 2
+
 # --- (e) new-connection latency over the delay relay ------------------------------
 # pool_checkouts METRICS_PORT OUTCOME: sqlgate_pool_checkouts_total{outcome}.
 pool_checkouts() {
@@ -535,6 +577,15 @@ median() { # route metric
         awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'
 }
 declare -A MED
+# Paired comparisons (f): median ratio, min, max and count per label.
+declare -A PAIR
+while read -r label med lo hi n; do PAIR[$label]="$med $lo $hi $n"; done < <(
+    sort -k1,1 -k2,2g "$WORK/pairs.txt" | awk '
+        function flush() { if (n) printf "%s %.3f %.3f %.3f %d\n", l, (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2, v[1], v[n], n }
+        $1 != l { flush(); l = $1; n = 0 }
+        { v[++n] = $2 }
+        END { flush() }')
+pair() { echo "${PAIR[$1]:-- - - 0}"; }
 METRICS=(tps_c1 tps_c8 tps_c32 p50_us p99_us conn_rate conn_rate_scram conn_cpu_us copy_s cpu_s_100k rss_kib
     conn_ms_p50 conn_ms_p90 conn_rt_p50 conn_rt_p90)
 for route in "${ROUTES[@]}"; do
@@ -586,6 +637,16 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
     row "new conn RTs, p50" conn_rt_p50 abs
     row "new conn RTs, p90" conn_rt_p90 abs
     echo "pooled: $FAR_REUSED checkouts reused a server session, $FAR_OPENED opened one (warm-up included)"
+    echo "paired runs (f): ${PAIR_DURATION}s each, A B B A; ratio B/A, median of pairs [min, max]"
+    pair_row() { # label key A B
+        local med lo hi n
+        read -r med lo hi n <<<"$(pair "$2")"
+        printf '  %-34s %s / %s = %s  [%s, %s]  n=%s\n' "$1" "$4" "$3" "$med" "$lo" "$hi" "$n"
+    }
+    pair_row "tps select, 1 client" pooled_c1 sqlgate pooled
+    pair_row "tps select, 8 clients" pooled_c8 sqlgate pooled
+    pair_row "tps select, 32 clients" pooled_c32 sqlgate pooled
+    pair_row "connections/s (-C) SCRAM" pooled_conn_scram pgbouncer pooled
 
     # sqlgate against the issue's targets (information, not a verdict).
     echo
@@ -621,15 +682,22 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
         -v kp="${MED[pooled,conn_rate_scram]}" -v kb="${MED[pgbouncer,conn_rate_scram]}" \
         -v up="${MED[pooled,conn_cpu_us]}" -v ub="${MED[pgbouncer,conn_cpu_us]}" \
         -v p1="${MED[pooled,tps_c1]}" -v p8="${MED[pooled,tps_c8]}" -v p32="${MED[pooled,tps_c32]}" \
-        -v g1="${MED[sqlgate,tps_c1]}" -v g8="${MED[sqlgate,tps_c8]}" -v g32="${MED[sqlgate,tps_c32]}" '
+        -v g1="${MED[sqlgate,tps_c1]}" -v g8="${MED[sqlgate,tps_c8]}" -v g32="${MED[sqlgate,tps_c32]}" \
+        -v q1="$(pair pooled_c1)" -v q8="$(pair pooled_c8)" -v q32="$(pair pooled_c32)" -v qc="$(pair pooled_conn_scram)" '
         function check(label, ok, detail) { printf "  %-4s %-48s %s\n", ok ? "met" : "MISS", label, detail }
+        # A paired ratio against its target; the round medians beside it.
+        function paired(label, q, target, rounds) {
+            split(q, f, " ")
+            check(label, f[4] > 0 && f[1] >= target, sprintf("%s paired [%s, %s] (rounds %.3f)", f[1], f[2], f[3], rounds))
+        }
         BEGIN {
             check("new conn + select 1 <= 1.3 round trips (p50)", r50 <= 1.3, sprintf("%.2f RT (p90 %.2f)", r50, r90))
             check("new conn + select 1 below PgBouncer (p50)", m50 < b50, sprintf("%.1f vs %.1f ms", m50, b50))
-            check("connections/s (-C, SCRAM) >= PgBouncer", kp >= kb, sprintf("%.3f x PgBouncer (proxy CPU/conn %.2f x)", kp / kb, ub > 0 ? up / ub : 0))
-            check("tps 1 client >= 0.97 x unpooled sqlgate", p1 >= 0.97 * g1, sprintf("%.3f x unpooled", p1 / g1))
-            check("tps 8 clients >= 0.97 x unpooled sqlgate", p8 >= 0.97 * g8, sprintf("%.3f x unpooled", p8 / g8))
-            check("tps 32 clients >= 0.97 x unpooled sqlgate", p32 >= 0.97 * g32, sprintf("%.3f x unpooled", p32 / g32))
+            paired("connections/s (-C, SCRAM) >= PgBouncer", qc, 1, kp / kb)
+            printf "       %-48s %.2f x PgBouncer\n", "proxy CPU per connection (rounds)", ub > 0 ? up / ub : 0
+            paired("tps 1 client >= 0.97 x unpooled sqlgate", q1, 0.97, p1 / g1)
+            paired("tps 8 clients >= 0.97 x unpooled sqlgate", q8, 0.97, p8 / g8)
+            paired("tps 32 clients >= 0.97 x unpooled sqlgate", q32, 0.97, p32 / g32)
         }'
     echo
     echo "finished in $(($(date +%s) - START)) s"
