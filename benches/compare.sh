@@ -88,6 +88,8 @@ PROXIES=(relay sqlgate pgbouncer stunnel)
 FAR_ROUTES=(direct sqlgate pooled pgbouncer)
 PGBIN=/usr/lib/postgresql/15/bin
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 CLK_TCK=$(getconf CLK_TCK)
 START=$(date +%s)
 
@@ -134,11 +136,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Free TCP ports, chosen by the kernel.
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
-        || shuf -i 20000-60000 -n 1
-}
 PG_PORT=$(free_port) SG_PORT=$(free_port) SG_METRICS=$(free_port)
 PB_PORT=$(free_port) ST_PORT=$(free_port) HA_PORT=$(free_port)
 SP_PORT=$(free_port) SP_METRICS=$(free_port)
@@ -146,29 +143,9 @@ SP_PORT=$(free_port) SP_METRICS=$(free_port)
 DL_PORT=$(free_port) FSG_PORT=$(free_port) FSP_PORT=$(free_port) FSP_METRICS=$(free_port)
 FPB_PORT=$(free_port)
 
-wait_port() { # port
-    local i
-    for i in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "nothing listens on port $1"
-}
-
 # --- certificates -------------------------------------------------------------
 log "certificates (ECDSA P-256; server cert for localhost and 127.0.0.1)"
-mkdir "$WORK/certs"
-(
-    cd "$WORK/certs"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -subj "/CN=sqlgate bench CA" -keyout ca.key -out ca.crt 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-        -extfile ext.cnf -out server.crt 2>/dev/null
-    chown postgres: server.key server.crt && chmod 600 server.key
-)
+bench_certs "$WORK/certs" "sqlgate bench CA"
 CA=$WORK/certs/ca.crt
 
 # --- PostgreSQL -----------------------------------------------------------------
@@ -694,7 +671,7 @@ copy_mb=$(awk -v n="$COPY_ROWS" 'BEGIN {printf "%.0f", n * 1020 / 1e6}')
             check("new conn + select 1 <= 1.3 round trips (p50)", r50 <= 1.3, sprintf("%.2f RT (p90 %.2f)", r50, r90))
             check("new conn + select 1 below PgBouncer (p50)", m50 < b50, sprintf("%.1f vs %.1f ms", m50, b50))
             paired("connections/s (-C, SCRAM) >= PgBouncer", qc, 1, kp / kb)
-            printf "       %-48s %.2f x PgBouncer\n", "proxy CPU per connection (rounds)", ub > 0 ? up / ub : 0
+            printf "       %-48s %.2f x PgBouncer\n", "proxy CPU per connection (rounds)", (ub > 0 ? up / ub : 0)
             paired("tps 1 client >= 0.97 x unpooled sqlgate", q1, 0.97, p1 / g1)
             paired("tps 8 clients >= 0.97 x unpooled sqlgate", q8, 0.97, p8 / g8)
             paired("tps 32 clients >= 0.97 x unpooled sqlgate", q32, 0.97, p32 / g32)

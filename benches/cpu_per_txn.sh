@@ -29,6 +29,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 PGBIN=/usr/lib/postgresql/15/bin
 log() { echo "==> $*" >&2; }
 die() { echo "cpu_per_txn: $*" >&2; exit 1; }
@@ -61,30 +63,10 @@ if [[ -z $BEFORE_BIN ]]; then
     BEFORE_BIN=$WORK/before-target/release/sqlgate
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local i
-    for i in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "nothing listens on port $1"
-}
 PG_PORT=$(free_port) SG_PORT=$(free_port)
 
 log "certificates and PostgreSQL 15 on 127.0.0.1:$PG_PORT (ssl=on, SCRAM)"
-mkdir "$WORK/certs"
-(
-    cd "$WORK/certs"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -subj "/CN=sqlgate cpu CA" -keyout ca.key -out ca.crt 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-        -extfile ext.cnf -out server.crt 2>/dev/null
-    chown postgres: server.key server.crt && chmod 600 server.key
-)
+bench_certs "$WORK/certs" "sqlgate cpu CA"
 mkdir "$WORK/pg" "$WORK/sock" && chown postgres: "$WORK/pg" "$WORK/sock"
 runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -A trust -U postgres >/dev/null
 cat >>"$WORK/pg/postgresql.conf" <<EOF

@@ -29,6 +29,8 @@ done
 
 PGBIN=/usr/lib/postgresql/15/bin
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 START=$(date +%s)
 CLIENTS=4
 log() { printf '[%4ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
@@ -60,26 +62,9 @@ cleanup() {
     if [[ $KEEP -eq 1 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    local i
-    for i in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-    die "nothing listens on port $1"
-}
 
 # --- certificates and nodes -----------------------------------------------------
-mkdir "$WORK/certs"
-(
-    cd "$WORK/certs"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -subj "/CN=sqlgate rolling CA" -keyout ca.key -out ca.crt 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-        -extfile ext.cnf -out server.crt 2>/dev/null
-    chown postgres: server.key server.crt && chmod 600 server.key
-)
+bench_certs "$WORK/certs" "sqlgate rolling CA"
 CA=$WORK/certs/ca.crt
 
 log "three PostgreSQL 15 nodes (ssl=on, SCRAM; node 3: max_connections = 6)"

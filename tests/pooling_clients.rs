@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     APP_PASSWORD, GateConfig, NodeAuth, NodeSpec, NodeTls, PgNode, PgVersion, Pki, Sqlgate,
-    app_conninfo, backend_pid, bounded, connect_app, psql, sqlstate, write_userlist,
+    app_conninfo, backend_pid, bounded, connect_app, psql, psycopg_json, sqlstate, write_userlist,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -138,27 +138,7 @@ print(json.dumps(out))
 "#;
 
 async fn run_psycopg_reuse(conninfo: &str) -> serde_json::Value {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("python3")
-            .args(["-c", PSYCOPG_REUSE, conninfo])
-            .env("PGPASSWORD", APP_PASSWORD)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("python finishes within 120s")
-    .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "psycopg script failed ({}); is `psycopg[binary]` installed?\n{stdout}\n{stderr}",
-        out.status
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("script prints JSON ({e}): {stdout}\n{stderr}"));
+    let report = psycopg_json(PSYCOPG_REUSE, conninfo, Duration::from_secs(120)).await;
     assert!(report["reused"].is_i64(), "a backend was reused: {report}");
     assert_eq!(
         report["sleep"], "57014",

@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -53,33 +52,20 @@ async fn libpq18_protocol_3_2_client_queries_and_cancels_through_sqlgate() {
         let node = tls_node_with(&pki, PgVersion::V18, NodeAuth::Scram).await;
         let gate = Sqlgate::start(&gate_config(&pki, &[&node])).await;
 
-        let out = tokio::time::timeout(
+        let report = psycopg_json(
+            PSYCOPG_SCRIPT,
+            &app_conninfo(gate.addr, "prefer"),
             Duration::from_secs(90),
-            tokio::process::Command::new("python3")
-                .args(["-c", PSYCOPG_SCRIPT])
-                .arg(app_conninfo(gate.addr, "prefer"))
-                .env("PGPASSWORD", APP_PASSWORD)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
         )
-        .await
-        .expect("python finishes within 90s")
-        .expect("run python3");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "psycopg script failed ({}); is `psycopg[binary]` installed (see .ci/run)?\n{stdout}\n{stderr}",
-            out.status
-        );
-        let report: serde_json::Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("script prints JSON ({e}): {stdout}\n{stderr}"));
+        .await;
         assert!(
             report["libpq"].as_i64().unwrap_or(0) >= 180_000,
             "libpq 18 or newer: {report}"
         );
-        assert_eq!(report["protocol"], 30002, "protocol 3.2 negotiated: {report}");
+        assert_eq!(
+            report["protocol"], 30002,
+            "protocol 3.2 negotiated: {report}"
+        );
         assert_eq!(report["answer"], 42, "{report}");
         assert_eq!(
             report["backend_pid"], report["server_pid"],
@@ -89,9 +75,15 @@ async fn libpq18_protocol_3_2_client_queries_and_cancels_through_sqlgate() {
             report["server_version"].as_i64().unwrap_or(0) >= 180_000,
             "{report}"
         );
-        assert_eq!(report["sleep"], QUERY_CANCELED, "cancel_safe worked: {report}");
+        assert_eq!(
+            report["sleep"], QUERY_CANCELED,
+            "cancel_safe worked: {report}"
+        );
         let seconds = report["cancel_seconds"].as_f64().expect("cancel timed");
-        assert!(seconds < CANCEL_WITHIN.as_secs_f64(), "cancel took {seconds}s");
+        assert!(
+            seconds < CANCEL_WITHIN.as_secs_f64(),
+            "cancel took {seconds}s"
+        );
     })
     .await;
 }

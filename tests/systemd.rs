@@ -154,13 +154,7 @@ async fn journal_lines_carry_no_second_timestamp_and_keep_their_priority() {
         // A node that refuses: sqlgate logs a warning about it.
         let refused = free_port();
         let config = unit_config_toml(port, &[refused], "");
-        let ca = pki.ca_file().to_owned();
-        let gate = blocking(move || {
-            let gate = UnitGate::install(port, &config, &ca, &[]);
-            gate.start(UNIT);
-            gate
-        })
-        .await;
+        let gate = UnitGate::started(port, config, pki.ca_file(), &[]).await;
         let json_config = unit_config_toml(port, &[refused], "\n[log]\nformat = \"json\"\n");
         let ((all, warnings), (json, json_warnings)) = blocking(move || {
             let text = (

@@ -27,15 +27,7 @@ async fn reload_puts_a_new_node_in_force_for_new_sessions() {
         let second = PgNode::start(NodeTls::On(pki.server_cert())).await;
         let port = free_port();
         let config = unit_config_toml(port, &[first.port()], "");
-        let ca = pki.ca_file().to_owned();
-        let gate = Arc::new(
-            blocking(move || {
-                let gate = UnitGate::install(port, &config, &ca, &[]);
-                gate.start(UNIT);
-                gate
-            })
-            .await,
-        );
+        let gate = UnitGate::started(port, config, pki.ca_file(), &[]).await;
         let held = connect_app(gate.addr)
             .await
             .expect("a session on the first node");
@@ -88,15 +80,7 @@ async fn stop_drains_a_held_session_and_exits_0() {
             &[node.port()],
             "\n[limits]\nshutdown_grace = \"20s\"\n",
         );
-        let ca = pki.ca_file().to_owned();
-        let gate = Arc::new(
-            blocking(move || {
-                let gate = UnitGate::install(port, &config, &ca, &[]);
-                gate.start(UNIT);
-                gate
-            })
-            .await,
-        );
+        let gate = UnitGate::started(port, config, pki.ca_file(), &[]).await;
         let held = connect_app(gate.addr).await.expect("a session");
         let query = tokio::spawn(async move {
             let outcome = held.query_one("select pg_sleep(3)", &[]).await.map(|_| ());
@@ -174,15 +158,7 @@ async fn a_killed_main_process_is_restarted_by_restart_on_failure() {
         let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
         let port = free_port();
         let config = unit_config_toml(port, &[node.port()], "");
-        let ca = pki.ca_file().to_owned();
-        let gate = Arc::new(
-            blocking(move || {
-                let gate = UnitGate::install(port, &config, &ca, &[]);
-                gate.start(UNIT);
-                gate
-            })
-            .await,
-        );
+        let gate = UnitGate::started(port, config, pki.ca_file(), &[]).await;
         expect_session(&gate).await;
         let g = Arc::clone(&gate);
         blocking(move || {
@@ -204,16 +180,8 @@ async fn a_process_that_stops_answering_the_watchdog_is_restarted() {
         let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
         let port = free_port();
         let config = unit_config_toml(port, &[node.port()], "");
-        let ca = pki.ca_file().to_owned();
-        let gate = Arc::new(
-            blocking(move || {
-                let gate =
-                    UnitGate::install(port, &config, &ca, &[(UNIT, "[Service]\nWatchdogSec=2s\n")]);
-                gate.start(UNIT);
-                gate
-            })
-            .await,
-        );
+        let watchdog = [(UNIT, "[Service]\nWatchdogSec=2s\n")];
+        let gate = UnitGate::started(port, config, pki.ca_file(), &watchdog).await;
         let g = Arc::clone(&gate);
         blocking(move || {
             let pid = g.main_pid();

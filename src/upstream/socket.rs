@@ -44,14 +44,6 @@ impl NodeSocket {
         }
     }
 
-    /// The stream (for socket options).
-    ///
-    /// # Errors
-    /// When a failed rebind lost it.
-    pub fn tcp(&self) -> io::Result<&TcpStream> {
-        self.tcp.as_ref().ok_or_else(moved_out)
-    }
-
     /// Whether the socket is registered with another thread's runtime.
     pub fn is_foreign(&self) -> bool {
         self.owner != thread::current().id()

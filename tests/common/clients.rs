@@ -1,4 +1,4 @@
-//! Real clients: psql and tokio-postgres.
+//! Real clients: psql, psycopg (python3) and tokio-postgres.
 
 use super::*;
 
@@ -52,6 +52,25 @@ pub(crate) async fn output_within(cmd: &mut tokio::process::Command, timeout: Du
         .await
         .unwrap_or_else(|_| panic!("{cmd:?} did not finish within {timeout:?}"))
         .unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}"))
+}
+
+/// Runs a psycopg script, `python3 -c SCRIPT CONNINFO`, with the app's
+/// password in `PGPASSWORD`, and parses the JSON it prints; panics with its
+/// output when it fails, prints no JSON or takes longer than `limit`.
+pub async fn psycopg_json(script: &str, conninfo: &str, limit: Duration) -> serde_json::Value {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.args(["-c", script, conninfo])
+        .env("PGPASSWORD", APP_PASSWORD);
+    let out = output_within(&mut cmd, limit).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "psycopg script failed ({}); is `psycopg[binary]` installed (see .ci/run)?\n{stdout}\n{stderr}",
+        out.status
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("script prints JSON ({e}): {stdout}\n{stderr}"))
 }
 
 /// Runs `psql -X -A -t -c SQL` with password `secret`; bounded by 60s.

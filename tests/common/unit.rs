@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::systemd::{BoxFiles, OutputText as _, SystemdBox};
 use super::*;
@@ -72,6 +73,28 @@ impl UnitGate {
             sd: SystemdBox::boot(files),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         }
+    }
+
+    /// [`UnitGate::install`] and [`UnitGate::start`] of sqlgate.service, off
+    /// the runtime's threads; shared, for tests that hand it to blocking work.
+    pub async fn started(
+        port: u16,
+        config: String,
+        ca: &Path,
+        dropins: &[(&'static str, &str)],
+    ) -> Arc<UnitGate> {
+        let ca = ca.to_owned();
+        let dropins: Vec<(&'static str, String)> =
+            dropins.iter().map(|(u, t)| (*u, t.to_string())).collect();
+        let gate = blocking(move || {
+            let dropins: Vec<(&str, &str)> =
+                dropins.iter().map(|(u, t)| (*u, t.as_str())).collect();
+            let gate = UnitGate::install(port, &config, &ca, &dropins);
+            gate.start(UNIT);
+            gate
+        })
+        .await;
+        Arc::new(gate)
     }
 
     /// `systemctl start UNIT`; panics with the journal when it fails.
