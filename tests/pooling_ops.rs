@@ -1,7 +1,9 @@
 //! Session pooling's operations: SIGHUP re-reads `auth_file`; idle pooled
 //! sessions of a node that goes down or drains are closed at once (so a
-//! smart shutdown of the node can finish); `min_idle` keeps a session warm
-//! for the next client of a key once a first one has authenticated.
+//! smart shutdown of the node can finish); sqlgate's own drain treats pooled
+//! clients as unpooled ones (57P01 at rest, a transaction finishes first);
+//! `min_idle` keeps a session warm for the next client of a key once a first
+//! one has authenticated.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     NodeTls, PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess, backend_pid, bounded, connect_app,
-    pooled_config, sqlstate, write_userlist,
+    connect_app_watched, pooled_config, sqlstate, write_userlist,
 };
 
 async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
@@ -172,6 +174,79 @@ async fn idle_sessions_of_a_draining_node_are_closed_so_it_can_stop() {
         assert!(
             gate.count_lines("node is down or draining") >= 1,
             "{}",
+            gate.stderr()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_pooled_clients_at_rest_and_lets_a_transaction_finish() {
+    // Long, so that ending well before it shows the drain did not wait for it.
+    const GRACE: Duration = Duration::from_secs(40);
+    const STEP: Duration = Duration::from_secs(15);
+    let pki = Pki::new("pool-sigterm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, auth_file) = node_and_userlist(&pki, dir.path()).await;
+    let mut config = pooled_config(&pki, &node, &auth_file, "min_idle = 0\n");
+    config.health_interval = Some("1h".to_owned());
+    config.extra = format!(
+        "\n[limits]\nshutdown_grace = \"{}s\"\n{}",
+        GRACE.as_secs(),
+        config.extra
+    );
+    let mut gate = SqlgateProcess::start(&config).await;
+    bounded(Duration::from_secs(120), async {
+        let (idle, idle_ended) = connect_app_watched(gate.addr).await;
+        let idle_pid = backend_pid(&idle).await;
+        let (busy, busy_ended) = connect_app_watched(gate.addr).await;
+        busy.batch_execute("begin; create temporary table t (x int)")
+            .await
+            .expect("begin");
+        assert_eq!(app_backends(&node).await.len(), 2, "two pooled sessions");
+        assert!(!idle_ended.is_finished() && !busy_ended.is_finished());
+
+        gate.signal("TERM");
+        let drain_started = Instant::now();
+        let code = tokio::time::timeout(STEP, idle_ended)
+            .await
+            .expect("the idle pooled client is closed at once")
+            .expect("no panic");
+        assert_eq!(code.as_deref(), Some("57P01"), "told why, as unpooled");
+        let line = gate.expect_line(STEP, "sqlgate is shutting down").await;
+        assert!(line.contains("pooled server session closed"), "{line}");
+        let deadline = Instant::now() + STEP;
+        while app_backends(&node).await.contains(&idle_pid) {
+            assert!(
+                Instant::now() < deadline,
+                "the idle client's server session is not kept for a pool that is closing"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(gate.is_running(), "a transaction keeps the grace");
+        busy.batch_execute("insert into t values (1)")
+            .await
+            .expect("the transaction goes on during the drain");
+        busy.batch_execute("commit").await.expect("commit");
+        let code = tokio::time::timeout(STEP, busy_ended)
+            .await
+            .expect("closed right after its commit")
+            .expect("no panic");
+        assert_eq!(code.as_deref(), Some("57P01"));
+
+        let status = gate.wait_exit(STEP).await;
+        assert!(status.success(), "a clean exit: {status}");
+        assert!(
+            drain_started.elapsed() < GRACE / 2,
+            "exits when the sessions are done, not at the grace: {:?}",
+            drain_started.elapsed()
+        );
+        assert_eq!(
+            gate.count_lines("ended_by=\"sqlgate\""),
+            2,
+            "both sessions ended by the drain: {}",
             gate.stderr()
         );
     })

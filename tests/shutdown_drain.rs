@@ -7,40 +7,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::task::JoinHandle;
 
 /// `limits.shutdown_grace` and `limits.startup_timeout` of this test: long,
 /// so that ending before them shows the drain did not wait for them.
 const GRACE: Duration = Duration::from_secs(40);
 const STEP: Duration = Duration::from_secs(15);
-
-/// A session through sqlgate whose connection task's end is kept: it says
-/// how the server side closed (a 57P01 FATAL is an error of the connection).
-async fn session(addr: SocketAddr) -> (tokio_postgres::Client, JoinHandle<Option<String>>) {
-    let conninfo = format!(
-        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
-        addr.ip(),
-        addr.port()
-    );
-    let (client, connection) = tokio::time::timeout(
-        STEP,
-        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("connect within 15s")
-    .expect("session through sqlgate");
-    let ended = tokio::spawn(async move {
-        connection
-            .await
-            .err()
-            .map(|e| sqlstate(&e).unwrap_or("no SQLSTATE").to_owned())
-    });
-    (client, ended)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_sessions_at_once_lets_transactions_finish_and_exits_early() {
@@ -51,9 +25,9 @@ async fn sigterm_closes_idle_sessions_at_once_lets_transactions_finish_and_exits
     config.extra = format!("shutdown_grace = \"{}s\"\n", GRACE.as_secs());
     let mut gate = SqlgateProcess::start(&config).await;
 
-    let (idle, idle_ended) = session(gate.addr).await;
+    let (idle, idle_ended) = connect_app_watched(gate.addr).await;
     idle.simple_query("select 1").await.expect("select 1");
-    let (busy, busy_ended) = session(gate.addr).await;
+    let (busy, busy_ended) = connect_app_watched(gate.addr).await;
     busy.batch_execute("begin; create temporary table t (x int)")
         .await
         .expect("begin");

@@ -193,6 +193,36 @@ pub async fn connect_app(
     Ok(client)
 }
 
+/// A session as `app` through `addr` whose connection task's end is kept: it
+/// says how the server side closed it (the SQLSTATE of a FATAL, e.g. 57P01;
+/// `None` for a plain close).
+pub async fn connect_app_watched(
+    addr: SocketAddr,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Option<String>>,
+) {
+    let conninfo = format!(
+        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    );
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("connect within 20s")
+    .expect("session through sqlgate");
+    let ended = tokio::spawn(async move {
+        connection
+            .await
+            .err()
+            .map(|e| sqlstate(&e).unwrap_or("no SQLSTATE").to_owned())
+    });
+    (client, ended)
+}
+
 /// `select ssl from pg_stat_ssl where pid = pg_backend_pid()` in the session.
 pub const SESSION_SSL_SQL: &str = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
 

@@ -5,7 +5,8 @@
 //! answer (AuthenticationOk, the session's ParameterStatus values, a fresh
 //! BackendKeyData registered for cancels, ReadyForQuery) → the relay with
 //! boundary tracking → release (reset, back to the pool) when clean, else
-//! close.
+//! close. sqlgate's drain ends the session at its first clean boundary, as
+//! an unpooled one: FATAL 57P01 to the client, the server session closed.
 //!
 //! Sessions are keyed by the startup parameters ([`PoolKey`]), so a reused
 //! session already has the client's `application_name`, `TimeZone` … as its
@@ -35,8 +36,10 @@ use crate::pgwire::error::{SqlState, fatal};
 use crate::pgwire::frontend::StartupMessage;
 use crate::pgwire::startup::{ServerError, StartupRelay};
 use crate::pool::{self, CloseReason, Lease, PoolKey, ServerSession, Slot};
-use crate::relay::{self, Observer, RelayError, Side, Transferred};
+use crate::relay::{self, Ended, Observer, RelayError, Side, Transferred};
 use crate::routing::{self, Node};
+use crate::session::drain::DRAIN_MESSAGE;
+use crate::shutdown::Phase;
 
 mod server;
 
@@ -97,6 +100,8 @@ enum PooledError {
     Relay(RelayError),
     #[error("session closed by sqlgate (allowlist changed or shutdown)")]
     Killed,
+    #[error("closed at rest by sqlgate's drain")]
+    Drained,
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -114,7 +119,8 @@ enum OpenError {
 }
 
 /// The relay's observer: boundary tracking, Terminate kept from the server,
-/// the server session left open when the client goes.
+/// the server session left open when the client goes; at rest (for sqlgate's
+/// drain) exactly when the server session could serve another client.
 struct Tracker<'a>(&'a mut Boundaries);
 
 impl Observer for Tracker<'_> {
@@ -123,6 +129,9 @@ impl Observer for Tracker<'_> {
     }
     fn upstream_bytes(&mut self, data: &[u8]) {
         self.0.server.observe(data);
+    }
+    fn at_rest(&self) -> bool {
+        self.0.is_clean()
     }
     const CLOSES_UPSTREAM: bool = false;
 }
@@ -148,13 +157,17 @@ where
     if let Err(PooledError::PassThrough(leftover)) = result {
         return original.map(|startup| (startup, leftover));
     }
-    if let Err(e) = &result
-        && let Some(bytes) = client_error(e)
-    {
-        let _ = client.write_all(&bytes).await;
-        let _ = client.flush().await;
-    }
-    let _ = client.shutdown().await;
+    // A client that reads nothing does not hold the session (or the drain).
+    let farewell = async {
+        if let Err(e) = &result
+            && let Some(bytes) = client_error(e)
+        {
+            let _ = client.write_all(&bytes).await;
+            let _ = client.flush().await;
+        }
+        let _ = client.shutdown().await;
+    };
+    let _ = tokio::time::timeout(relay::CLOSE_GRACE, farewell).await;
     super::count_bytes(moved);
     let duration = started.elapsed();
     metrics::histogram!(crate::metrics::SESSION_DURATION_SECONDS).record(duration.as_secs_f64());
@@ -181,6 +194,7 @@ fn session_end(result: &Result<Side, PooledError>) -> SessionEnd {
         Ok(Side::Client) => (EndedBy::Client, EndOutcome::Closed),
         Ok(Side::Upstream) => (EndedBy::Upstream, EndOutcome::Closed),
         Err(PooledError::Killed) => (EndedBy::Sqlgate, EndOutcome::Killed),
+        Err(PooledError::Drained) => (EndedBy::Sqlgate, EndOutcome::Closed),
         Err(PooledError::Relay(e)) => (
             match e.side {
                 Side::Client => EndedBy::Client,
@@ -217,6 +231,8 @@ fn client_error(e: &PooledError) -> Option<Vec<u8>> {
         | PooledError::Killed => return None,
         // Already sent by `authenticate` (it knows the user name).
         PooledError::Auth(_) => return None,
+        // As an unpooled session at rest is told (`drain::close_at_rest`).
+        PooledError::Drained => (SqlState::ADMIN_SHUTDOWN, DRAIN_MESSAGE.to_owned()),
         PooledError::ClientProtocol => (
             SqlState::PROTOCOL_VIOLATION,
             "sqlgate: invalid authentication message".to_owned(),
@@ -334,8 +350,10 @@ where
     }
     let mut relayed = Transferred::default();
     let mut tracker = Tracker(&mut boundaries);
+    // The drain ends the session at its first rest, as an unpooled one's.
+    let draining = std::pin::pin!(ctx.lifecycle.wait_for(Phase::Draining));
     let ended = tokio::select! {
-        r = relay::relay_observed(client, &mut session.stream, &mut relayed, &mut tracker) => Some(r),
+        r = relay::relay_until_rest(client, &mut session.stream, &mut relayed, &mut tracker, draining) => Some(r),
         () = ctx.killed() => None,
     };
     moved.to_upstream += relayed.to_upstream;
@@ -347,8 +365,14 @@ where
 
     // release when the client left a clean session, else close it
     let (result, unfit) = match ended {
-        Some(Ok(Side::Client)) => (Ok(Side::Client), boundaries.dirty().map(CloseReason::Dirty)),
-        Some(Ok(Side::Upstream)) => (Ok(Side::Upstream), Some(CloseReason::ServerClosed)),
+        Some(Ok(Ended::Closed(Side::Client))) => {
+            (Ok(Side::Client), boundaries.dirty().map(CloseReason::Dirty))
+        }
+        Some(Ok(Ended::Closed(Side::Upstream))) => {
+            (Ok(Side::Upstream), Some(CloseReason::ServerClosed))
+        }
+        // The pool closes with sqlgate: the server session goes too.
+        Some(Ok(Ended::AtRest)) => (Err(PooledError::Drained), Some(CloseReason::Shutdown)),
         Some(Err(e)) => (Err(PooledError::Relay(e)), Some(CloseReason::RelayFailed)),
         None => (Err(PooledError::Killed), Some(CloseReason::Killed)),
     };
