@@ -1,7 +1,8 @@
 //! Session pooling (`[pool] mode = "session"`) against real PostgreSQL 15
 //! with SCRAM: server sessions are reused by the next client, only when
-//! clean, without leaking state; sqlgate checks passwords itself; a full pool
-//! waits, then 53300.
+//! clean, without leaking state; sqlgate checks passwords itself (and gives
+//! a stalled SCRAM exchange limits.startup_timeout); a full pool waits, then
+//! 53300.
 
 mod common;
 
@@ -122,6 +123,53 @@ async fn wrong_password_gets_28p01_and_dials_nothing() {
     bounded(Duration::from_secs(30), async {
         let e = common::connect_with_wrong_password(gate.addr).await;
         assert_eq!(sqlstate(&e), Some("28P01"), "{e}");
+    })
+    .await;
+    assert_eq!(node.app_sessions_authorized(), before, "nothing was dialed");
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_in_scram_gets_57014_at_the_startup_timeout_and_dials_nothing() {
+    let pki = Pki::new("pooling-stall");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, auth_file) = node_and_userlist(&pki, dir.path()).await;
+    let mut config = pooled_config(&pki, &node, &auth_file, "");
+    config.startup_timeout = Some("1s".to_owned());
+    let gate = Sqlgate::start(&config).await;
+    let before = node.app_sessions_authorized();
+    bounded(Duration::from_secs(30), async {
+        let mut client = common::RawClient::connect(gate.addr)
+            .await
+            .expect("connect");
+        client
+            .send(&common::wire::app_startup())
+            .await
+            .expect("send the startup");
+        let started = std::time::Instant::now();
+        let sasl = client.outcome(Duration::from_secs(5)).await;
+        assert!(
+            matches!(&sasl, common::Outcome::Message(m) if m.tag == b'R'),
+            "sqlgate asks for SCRAM: {sasl:?}"
+        );
+        // The client never answers: sqlgate gives up as PostgreSQL does at
+        // its authentication_timeout, and says so.
+        let outcome = client.outcome(Duration::from_secs(10)).await;
+        assert!(outcome.is_error("FATAL", "57014"), "{outcome:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(700) && waited < Duration::from_secs(5),
+            "at the 1s startup_timeout, not {waited:?}"
+        );
+        let common::Outcome::Error(e) = outcome else {
+            unreachable!()
+        };
+        assert!(e.message.contains("limits.startup_timeout"), "{e:?}");
+        assert_eq!(
+            client.outcome(Duration::from_secs(5)).await,
+            common::Outcome::Closed,
+            "then the connection closes"
+        );
     })
     .await;
     assert_eq!(node.app_sessions_authorized(), before, "nothing was dialed");

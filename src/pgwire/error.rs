@@ -27,6 +27,9 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     /// `invalid_password`: pooling, the client's password or SCRAM proof is wrong.
     pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    /// `query_canceled`: pooling, the client did not finish authenticating
+    /// in time (PostgreSQL's code for its `authentication_timeout`).
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
 
     pub fn code(self) -> &'static str {
         self.0

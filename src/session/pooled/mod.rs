@@ -88,6 +88,8 @@ enum PooledError {
     ClientProtocol,
     #[error("client authentication failed: {0}")]
     Auth(String),
+    #[error("client did not finish authenticating within {} (limits.startup_timeout)", humantime::format_duration(*.0))]
+    AuthTimeout(std::time::Duration),
     #[error("{0}")]
     PoolFull(#[from] pool::PoolFull),
     #[error("no node opened a server session: {0}")]
@@ -153,7 +155,7 @@ where
 {
     let mut moved = Transferred::default();
     let original = matches!(auth, PoolAuth::Certificate).then(|| startup.clone());
-    let result = serve(ctx, client, startup, leftover, &auth, &mut moved).await;
+    let result = serve(ctx, client, startup, leftover, &auth, started, &mut moved).await;
     if let Err(PooledError::PassThrough(leftover)) = result {
         return original.map(|startup| (startup, leftover));
     }
@@ -211,6 +213,7 @@ fn session_end(result: &Result<Side, PooledError>) -> SessionEnd {
             (EndedBy::Client, EndOutcome::Error)
         }
         Err(PooledError::Auth(_)) => (EndedBy::Sqlgate, EndOutcome::Error),
+        Err(PooledError::AuthTimeout(_)) => (EndedBy::Client, EndOutcome::Timeout),
         Err(PooledError::PoolFull(_)) => (EndedBy::Sqlgate, EndOutcome::Timeout),
         Err(PooledError::NoNode(_) | PooledError::Upstream(_)) => {
             (EndedBy::Upstream, EndOutcome::Error)
@@ -231,6 +234,13 @@ fn client_error(e: &PooledError) -> Option<Vec<u8>> {
         | PooledError::Killed => return None,
         // Already sent by `authenticate` (it knows the user name).
         PooledError::Auth(_) => return None,
+        PooledError::AuthTimeout(limit) => (
+            SqlState::QUERY_CANCELED,
+            format!(
+                "sqlgate: canceling authentication due to timeout: it did not finish within {} of connecting (limits.startup_timeout)",
+                humantime::format_duration(*limit)
+            ),
+        ),
         // As an unpooled session at rest is told (`drain::close_at_rest`).
         PooledError::Drained => (SqlState::ADMIN_SHUTDOWN, DRAIN_MESSAGE.to_owned()),
         PooledError::ClientProtocol => (
@@ -262,6 +272,7 @@ async fn serve<S>(
     mut startup: StartupMessage,
     leftover: BytesMut,
     auth: &PoolAuth,
+    started: Instant,
     moved: &mut Transferred,
 ) -> Result<Side, PooledError>
 where
@@ -275,11 +286,19 @@ where
     let user = String::from_utf8_lossy(startup.param("user").unwrap_or_default()).into_owned();
     let mut from_client = leftover;
 
-    // authenticate the client: nothing is dialed before its proof is right
+    // authenticate the client: nothing is dialed before its proof is right,
+    // and the whole startup, SCRAM included, has limits.startup_timeout (as
+    // PostgreSQL's authentication_timeout)
     let (auth_messages, credential) = match auth {
         PoolAuth::Scram(entry) => {
-            let (messages, client_key) =
-                authenticate(client, &mut from_client, entry, &user).await?;
+            let limit = ctx.config.limits.startup_timeout;
+            let deadline = tokio::time::Instant::from_std(started + limit);
+            let (messages, client_key) = tokio::time::timeout_at(
+                deadline,
+                authenticate(client, &mut from_client, entry, &user),
+            )
+            .await
+            .map_err(|_| PooledError::AuthTimeout(limit))??;
             (messages, entry.upstream_credential(client_key))
         }
         PoolAuth::Certificate if ctx.pool.certificate_refused(&key) => {
