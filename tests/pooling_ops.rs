@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    NodeTls, PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess, backend_pid, bounded, connect_app,
-    connect_app_watched, pooled_config, sqlstate, write_userlist,
+    NodeTls, PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess, backend_pid, bounded,
+    commit_then_expect_57p01, connect_app, connect_app_watched, connect_watched, pooled_config,
+    sqlstate, write_userlist,
 };
 
 async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
@@ -33,16 +34,7 @@ async fn connect_with(
         addr.ip(),
         addr.port()
     );
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("connect finishes within 20s")?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    Ok(connect_watched(&conninfo).await?.0)
 }
 
 /// The backends of the `app` role on `node`.
@@ -226,15 +218,7 @@ async fn sigterm_closes_pooled_clients_at_rest_and_lets_a_transaction_finish() {
 
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(gate.is_running(), "a transaction keeps the grace");
-        busy.batch_execute("insert into t values (1)")
-            .await
-            .expect("the transaction goes on during the drain");
-        busy.batch_execute("commit").await.expect("commit");
-        let code = tokio::time::timeout(STEP, busy_ended)
-            .await
-            .expect("closed right after its commit")
-            .expect("no panic");
-        assert_eq!(code.as_deref(), Some("57P01"));
+        commit_then_expect_57p01(&busy, busy_ended, STEP).await;
 
         let status = gate.wait_exit(STEP).await;
         assert!(status.success(), "a clean exit: {status}");

@@ -230,14 +230,19 @@ async fn rolling_restart_under_load_fails_no_new_connection() {
 
     // 5. Node c full: every slot held by a session, 53300.
     step("max_connections reached", &tally);
-    let holders: Vec<_> = (0..6)
-        .map(|_| c.admin_session("select pg_sleep(10)"))
-        .collect();
+    let hold = "select pg_sleep(30)";
+    let mut holders: Vec<_> = (0..6).map(|_| c.admin_session(hold)).collect();
     under_load(Duration::from_secs(3)).await;
     // On a busy machine the holders may take seconds to fill the node, and
-    // the loops must then meet it: load on, bounded, until a 53300 was seen.
-    let deadline = Instant::now() + Duration::from_secs(6);
+    // one that finds the slots taken by the loops' sessions exits: start it
+    // again, and keep the load on, bounded, until a 53300 was seen.
+    let deadline = Instant::now() + Duration::from_secs(15);
     while !gate.stderr().contains("53300") && Instant::now() < deadline {
+        for holder in &mut holders {
+            if !matches!(holder.try_wait(), Ok(None)) {
+                *holder = c.admin_session(hold);
+            }
+        }
         under_load(Duration::from_millis(250)).await;
     }
     drop(holders);

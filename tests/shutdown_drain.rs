@@ -62,15 +62,7 @@ async fn sigterm_closes_idle_sessions_at_once_lets_transactions_finish_and_exits
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(gate.is_running(), "a transaction keeps the grace");
-    busy.batch_execute("insert into t values (1)")
-        .await
-        .expect("the transaction goes on during the drain");
-    busy.batch_execute("commit").await.expect("commit");
-    let code = tokio::time::timeout(STEP, busy_ended)
-        .await
-        .expect("closed right after its commit")
-        .expect("no panic");
-    assert_eq!(code.as_deref(), Some("57P01"));
+    commit_then_expect_57p01(&busy, busy_ended, STEP).await;
 
     let status = gate.wait_exit(STEP).await;
     let exited_after = drain_started.elapsed();

@@ -170,57 +170,77 @@ pub(crate) async fn psql_copy_digest_unbounded(conninfo: &str, command: &str) ->
     Digest { bytes, sha256 }
 }
 
-/// tokio-postgres (NoTls) as `app` with password `secret` at `addr`; the
-/// connection task is spawned. Bounded by 20s.
-pub async fn connect_app(
-    addr: SocketAddr,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conninfo = format!(
-        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
-        addr.ip(),
-        addr.port()
-    );
-    let connected = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("tokio-postgres connect finishes within 20s");
-    let (client, connection) = connected?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-/// A session as `app` through `addr` whose connection task's end is kept: it
-/// says how the server side closed it (the SQLSTATE of a FATAL, e.g. 57P01;
-/// `None` for a plain close).
-pub async fn connect_app_watched(
-    addr: SocketAddr,
-) -> (
-    tokio_postgres::Client,
-    tokio::task::JoinHandle<Option<String>>,
-) {
-    let conninfo = format!(
-        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
-        addr.ip(),
-        addr.port()
-    );
+/// tokio-postgres to `conninfo` (no TLS) within 20 s, its connection task
+/// spawned; the handle says how that task ended: the SQLSTATE of the error
+/// that ended the session (e.g. a FATAL 57P01), `None` for a plain close.
+pub async fn connect_watched(
+    conninfo: &str,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Option<String>>,
+    ),
+    tokio_postgres::Error,
+> {
     let (client, connection) = tokio::time::timeout(
         Duration::from_secs(20),
-        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls),
+        tokio_postgres::connect(conninfo, tokio_postgres::NoTls),
     )
     .await
-    .expect("connect within 20s")
-    .expect("session through sqlgate");
+    .expect("tokio-postgres connect finishes within 20s")?;
     let ended = tokio::spawn(async move {
         connection
             .await
             .err()
             .map(|e| sqlstate(&e).unwrap_or("no SQLSTATE").to_owned())
     });
-    (client, ended)
+    Ok((client, ended))
+}
+
+/// tokio-postgres as `app`/`app` through `addr` (`sslmode=disable`).
+pub async fn connect_app(
+    addr: SocketAddr,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    Ok(connect_watched(&app_password_conninfo(addr)).await?.0)
+}
+
+fn app_password_conninfo(addr: SocketAddr) -> String {
+    format!(
+        "host={} port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// A session as `app` through `addr` whose connection task's end is kept
+/// (see [`connect_watched`]).
+pub async fn connect_app_watched(
+    addr: SocketAddr,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Option<String>>,
+) {
+    connect_watched(&app_password_conninfo(addr))
+        .await
+        .expect("session through sqlgate")
+}
+
+/// During sqlgate's drain: the transaction open on `busy` goes on, commits,
+/// and the session is closed with FATAL 57P01 right after (within `within`).
+pub async fn commit_then_expect_57p01(
+    busy: &tokio_postgres::Client,
+    ended: tokio::task::JoinHandle<Option<String>>,
+    within: Duration,
+) {
+    busy.batch_execute("insert into t values (1)")
+        .await
+        .expect("the transaction goes on during the drain");
+    busy.batch_execute("commit").await.expect("commit");
+    let code = tokio::time::timeout(within, ended)
+        .await
+        .expect("closed right after its commit")
+        .expect("no panic");
+    assert_eq!(code.as_deref(), Some("57P01"));
 }
 
 /// `select ssl from pg_stat_ssl where pid = pg_backend_pid()` in the session.
