@@ -90,8 +90,17 @@ async fn a_refusal_from_every_node_reaches_the_client_as_08006_naming_them() {
 
 #[tokio::test]
 async fn an_authentication_failure_is_never_retried_on_another_node() {
+    // The node closes after its 28P01 (as PostgreSQL does), or waits for
+    // sqlgate to: then the client, gone once it has read the error, is seen
+    // leaving first. The log names the server's error either way.
+    for behaviour in [Behaviour::FailAuth, Behaviour::FailAuthThenHold] {
+        auth_failure_is_not_retried(behaviour).await;
+    }
+}
+
+async fn auth_failure_is_not_retried(behaviour: Behaviour) {
     let ca = TestCa::new("auth-fail");
-    let failing = FakeNode::start(Behaviour::FailAuth, ca.good()).await;
+    let failing = FakeNode::start(behaviour, ca.good()).await;
     let good = FakeNode::start(Behaviour::Serve(SessionEnd::Normal), ca.good()).await;
     let gate = gate(&ca, &[&failing, &good], "").await;
     let answer = tokio::time::timeout(STEP, async {

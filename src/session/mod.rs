@@ -518,6 +518,12 @@ where
                 have_bytes = true;
             }
             read = client.read_buf(&mut from_client) => {
+                // A client that leaves after the server's FATAL (e.g. 28P01)
+                // may be seen before the server's close: the log says what
+                // the server said either way.
+                if let (Ok(0) | Err(_), Some(e)) = (&read, &server_error) {
+                    return Err(SessionError::ServerRefused(e.clone()));
+                }
                 if read? == 0 {
                     return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                 }

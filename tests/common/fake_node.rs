@@ -46,8 +46,12 @@ pub enum Behaviour {
     /// this SQLSTATE before authentication (a draining CockroachDB node:
     /// 57P01), closes.
     RefuseStartup(&'static str),
-    /// Completes TLS, asks for a cleartext password, answers it with 28P01.
+    /// Completes TLS, asks for a cleartext password, answers it with 28P01
+    /// and closes.
     FailAuth,
+    /// [`Behaviour::FailAuth`], but the close waits for sqlgate's: the client
+    /// that read the 28P01 is always seen leaving first.
+    FailAuthThenHold,
     /// Completes TLS, reads the StartupMessage, never answers.
     StallInStartup,
     /// A working server: startup, then queries (see [`SessionEnd`]).
@@ -166,7 +170,7 @@ async fn serve_one(
             let _ = tls.shutdown().await;
             return Ok(());
         }
-        Behaviour::FailAuth => {
+        Behaviour::FailAuth | Behaviour::FailAuthThenHold => {
             tls.write_all(&message(b'R', &3u32.to_be_bytes())).await?;
             tls.flush().await?;
             let _password = read_message(&mut tls).await?;
@@ -176,6 +180,10 @@ async fn serve_one(
             ))
             .await?;
             tls.flush().await?;
+            if behaviour == Behaviour::FailAuthThenHold {
+                let mut sink = Vec::new();
+                let _ = tls.read_to_end(&mut sink).await;
+            }
             let _ = tls.shutdown().await;
             return Ok(());
         }
