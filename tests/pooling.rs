@@ -6,21 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    GateConfig, NodeTls, PgNode, Pki, Sqlgate, backend_pid, bounded, connect_app, sqlstate,
-    write_userlist,
+    GateConfig, PgNode, Pki, Sqlgate, backend_pid, bounded, connect_app, node_and_userlist,
+    sqlstate,
 };
-
-/// A node, and an auth_file in `dir` with the `app` role's SCRAM secret.
-async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
-    let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
-    let path = dir.join("userlist.txt");
-    write_userlist(&node, &path).await;
-    (node, path)
-}
 
 /// Pooling with `min_idle = 0`: reuse is of the previous client's session.
 fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path, extra: &str) -> GateConfig {

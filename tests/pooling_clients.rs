@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     APP_PASSWORD, GateConfig, NodeAuth, NodeSpec, NodeTls, PgNode, PgVersion, Pki, Sqlgate,
-    app_conninfo, backend_pid, bounded, connect_app, psql, psycopg_json, sqlstate, write_userlist,
+    app_conninfo, backend_pid, bounded, connect_app, node_and_userlist, psql, psycopg_json,
+    sqlstate, write_userlist,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -35,8 +36,7 @@ fn pooled_config(pki: &Pki, node: &PgNode, auth_file: &Path) -> GateConfig {
 }
 
 async fn pooled_pg15(pki: &Pki, dir: &Path) -> (PgNode, Sqlgate) {
-    let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
-    let auth_file = userlist(&node, dir).await;
+    let (node, auth_file) = node_and_userlist(pki, dir).await;
     let gate = Sqlgate::start(&pooled_config(pki, &node, &auth_file)).await;
     (node, gate)
 }

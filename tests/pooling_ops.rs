@@ -8,21 +8,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    NodeTls, PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess, backend_pid, bounded,
-    commit_then_expect_57p01, connect_app, connect_app_watched, connect_watched, pooled_config,
-    sqlstate, write_userlist,
+    PgNode, Pki, ShutdownMode, Sqlgate, SqlgateProcess, backend_pid, bounded,
+    commit_then_expect_57p01, connect_app, connect_app_watched, connect_watched, node_and_userlist,
+    pooled_config, sqlstate, write_userlist,
 };
-
-async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
-    let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
-    let path = dir.join("userlist.txt");
-    write_userlist(&node, &path).await;
-    (node, path)
-}
 
 async fn connect_with(
     addr: std::net::SocketAddr,

@@ -1,9 +1,9 @@
 //! Session pooling set-up shared by the pooling tests: the auth_file written
 //! from the node's own SCRAM secret, and a pooled gate config.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::{GateConfig, NodeEntry, PgNode, Pki};
+use super::{GateConfig, NodeEntry, NodeTls, PgNode, Pki};
 
 /// Writes an auth_file at `path` with the `app` role's SCRAM secret, as
 /// PostgreSQL holds it in `pg_authid`.
@@ -13,6 +13,15 @@ pub async fn write_userlist(node: &PgNode, path: &Path) {
         .await;
     assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
     std::fs::write(path, format!("\"app\" \"{}\"\n", secret.trim())).expect("write auth_file");
+}
+
+/// A PostgreSQL 15 TLS node, and an auth_file in `dir` with its `app` role's
+/// SCRAM secret ([`write_userlist`]).
+pub async fn node_and_userlist(pki: &Pki, dir: &Path) -> (PgNode, PathBuf) {
+    let node = PgNode::start(NodeTls::On(pki.server_cert())).await;
+    let path = dir.join("userlist.txt");
+    write_userlist(&node, &path).await;
+    (node, path)
 }
 
 /// `[pool] mode = "session"` with `auth_file`, and `extra` keys of `[pool]`.
